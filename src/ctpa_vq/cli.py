@@ -13,7 +13,12 @@ import sys
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ctpa-vq", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True)
-    # Each sub-command registers itself below: `_add_<name>(subparsers)`.
+    # Each sub-command is one `_add_<name>(subparsers)` function below, called here.
+    # [cli: prepare]
+    # [cli: reconstruct]
+    # [cli: push]
+    # [cli: latent-stats]
+    # [cli: verify]
     return parser
 
 
