@@ -1,3 +1,7 @@
 """ctpa-vq: a 3D VQ-GAN for full-resolution CT pulmonary angiography."""
 
+from .models import VQGAN3D
+
 __version__ = "0.1.0"
+
+__all__ = ["VQGAN3D"]

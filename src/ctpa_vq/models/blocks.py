@@ -1,0 +1,166 @@
+"""3D convolutional encoder and decoder built from GroupNorm ResBlocks.
+
+Downsampling is per axis: stage ``i`` halves an axis only while that axis still has a factor
+of 2 left, so ``downsample_factor=(2, 4, 4)`` keeps more slices than in-plane resolution.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+Triple = tuple[int, int, int]
+
+
+def stage_strides(downsample_factor: Sequence[int], num_stages: int) -> list[Triple]:
+    """Per-stage strides (each 1 or 2 per axis) whose product is `downsample_factor`.
+
+    >>> stage_strides((4, 4, 2), 2)
+    [(2, 2, 2), (2, 2, 1)]
+    """
+    for factor in downsample_factor:
+        if factor < 1 or factor & (factor - 1):
+            raise ValueError(f"downsample_factor must be powers of 2 per axis, got {tuple(downsample_factor)}")
+    needed = max(int(math.log2(f)) for f in downsample_factor)
+    if needed != num_stages:
+        raise ValueError(
+            f"downsample_factor {tuple(downsample_factor)} needs {needed} downsampling stages, "
+            f"i.e. len(block_out_channels) == {needed + 1}, got {num_stages + 1}"
+        )
+    return [tuple(2 if (f >> stage) > 1 else 1 for f in downsample_factor) for stage in range(num_stages)]
+
+
+class ResBlock3D(nn.Module):
+    """GroupNorm -> SiLU -> Conv3d, twice, plus a (1x1x1-projected) skip connection."""
+
+    def __init__(self, in_channels: int, out_channels: int, norm_num_groups: int):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(norm_num_groups, in_channels, eps=1e-6)
+        self.conv1 = nn.Conv3d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = nn.GroupNorm(norm_num_groups, out_channels, eps=1e-6)
+        self.conv2 = nn.Conv3d(out_channels, out_channels, 3, padding=1)
+        self.skip = nn.Conv3d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return self.skip(x) + h
+
+
+class Downsample3D(nn.Module):
+    """Strided conv: kernel 4 / stride 2 / padding 1 on halved axes, kernel 3 / stride 1 elsewhere."""
+
+    def __init__(self, channels: int, stride: Triple):
+        super().__init__()
+        kernel = tuple(4 if s == 2 else 3 for s in stride)
+        self.conv = nn.Conv3d(channels, channels, kernel, stride=stride, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class Upsample3D(nn.Module):
+    """Nearest-neighbour upsampling by `scale` per axis, then a 3x3x3 conv (no checkerboard)."""
+
+    def __init__(self, channels: int, scale: Triple):
+        super().__init__()
+        self.scale = scale
+        self.conv = nn.Conv3d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=self.scale, mode="nearest"))
+
+
+class _CheckpointedStack(nn.Module):
+    """Runs `self.stages` in order, each under activation checkpointing when enabled.
+
+    diffusers' `ModelMixin.enable_gradient_checkpointing()` finds modules with a
+    `gradient_checkpointing` attribute and sets it together with `_gradient_checkpointing_func`.
+    """
+
+    stages: nn.ModuleList
+
+    def __init__(self):
+        super().__init__()
+        self.gradient_checkpointing = False
+
+    def _run_stages(self, h: torch.Tensor) -> torch.Tensor:
+        for stage in self.stages:
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                h = self._gradient_checkpointing_func(stage, h)
+            else:
+                h = stage(h)
+        return h
+
+
+class Encoder3D(_CheckpointedStack):
+    """`(B, in_channels, D, H, W)` -> `(B, out_channels, D/fd, H/fh, W/fw)`."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        block_out_channels: Sequence[int],
+        layers_per_block: int,
+        strides: Sequence[Triple],
+        norm_num_groups: int,
+    ):
+        super().__init__()
+        self.conv_in = nn.Conv3d(in_channels, block_out_channels[0], 3, padding=1)
+        stages = []
+        channels = block_out_channels[0]
+        for level, width in enumerate(block_out_channels):
+            layers: list[nn.Module] = []
+            for _ in range(layers_per_block):
+                layers.append(ResBlock3D(channels, width, norm_num_groups))
+                channels = width
+            if level < len(strides):
+                layers.append(Downsample3D(channels, strides[level]))
+            stages.append(nn.Sequential(*layers))
+        stages.append(nn.Sequential(*(ResBlock3D(channels, channels, norm_num_groups) for _ in range(2))))
+        self.stages = nn.ModuleList(stages)
+        self.norm_out = nn.GroupNorm(norm_num_groups, channels, eps=1e-6)
+        self.conv_out = nn.Conv3d(channels, out_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self._run_stages(self.conv_in(x))
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Decoder3D(_CheckpointedStack):
+    """`(B, in_channels, d, h, w)` -> `(B, out_channels, d*fd, h*fh, w*fw)`; mirrors `Encoder3D`."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        block_out_channels: Sequence[int],
+        layers_per_block: int,
+        strides: Sequence[Triple],
+        norm_num_groups: int,
+    ):
+        super().__init__()
+        widths = list(reversed(block_out_channels))
+        channels = widths[0]
+        self.conv_in = nn.Conv3d(in_channels, channels, 3, padding=1)
+        stages = [nn.Sequential(*(ResBlock3D(channels, channels, norm_num_groups) for _ in range(2)))]
+        up_strides = list(reversed(strides))
+        for level, width in enumerate(widths):
+            layers: list[nn.Module] = []
+            for _ in range(layers_per_block + 1):
+                layers.append(ResBlock3D(channels, width, norm_num_groups))
+                channels = width
+            if level < len(up_strides):
+                layers.append(Upsample3D(channels, up_strides[level]))
+            stages.append(nn.Sequential(*layers))
+        self.stages = nn.ModuleList(stages)
+        self.norm_out = nn.GroupNorm(norm_num_groups, channels, eps=1e-6)
+        self.conv_out = nn.Conv3d(channels, out_channels, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self._run_stages(self.conv_in(z))
+        return self.conv_out(F.silu(self.norm_out(h)))
