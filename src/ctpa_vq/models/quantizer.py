@@ -92,7 +92,7 @@ class EMAVectorQuantizer(nn.Module):
 
     def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
         """`(B, d, h, w)` int -> `(B, C, d, h, w)` codes."""
-        return F.embedding(indices, self.embedding).permute(0, 4, 1, 2, 3)
+        return F.embedding(indices, self.embedding).permute(0, 4, 1, 2, 3).contiguous()
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
         """Quantise `z` `(B, C, d, h, w)`; in training mode also update the codebook."""
@@ -196,7 +196,7 @@ class FiniteScalarQuantizer(nn.Module):
         """`(B, d, h, w)` int -> `(B, C, d, h, w)` codes in [-1, 1]."""
         half = self._levels // 2
         digits = (indices[..., None] // self._basis) % self._levels.long()
-        return ((digits - half) / half).permute(0, 4, 1, 2, 3)
+        return ((digits - half) / half).permute(0, 4, 1, 2, 3).contiguous()
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
         in_dtype = z.dtype
