@@ -1,11 +1,13 @@
 """The VQ-GAN generator and its building blocks."""
 
+from .discriminators import PatchDiscriminator
 from .presets import PRESETS
 from .quantizer import EMAVectorQuantizer, FiniteScalarQuantizer, QuantizerOutput
 from .vqgan import VQGAN3D, VQGAN3DOutput
 
 __all__ = [
     "PRESETS",
+    "PatchDiscriminator",
     "EMAVectorQuantizer",
     "FiniteScalarQuantizer",
     "QuantizerOutput",

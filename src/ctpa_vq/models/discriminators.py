@@ -63,6 +63,12 @@ class PatchDiscriminator(ModelMixin, ConfigMixin):
                 f"{self.config.spatial_dims}D discriminator expects a "
                 f"{self.config.spatial_dims + 2}D tensor (B, C, ...), got shape {tuple(x.shape)}"
             )
+        smallest = 3 * 2**self.config.n_layers  # each size must stay >= 3 for the two k4 s1 convs
+        if min(x.shape[2:]) < smallest:
+            raise ValueError(
+                f"discriminator with n_layers={self.config.n_layers} needs spatial sizes >= "
+                f"{smallest}, got {tuple(x.shape[2:])}"
+            )
         features = []
         for block in self.blocks:
             x = block(x)
