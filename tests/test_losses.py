@@ -213,7 +213,7 @@ def test_mismatched_keys_or_shapes_name_the_file(tmp_path, backbone_file):
 def test_build_perceptual_loss_none_is_off_with_message(caplog, backbone_file):
     with caplog.at_level(logging.WARNING, logger="ctpa_vq.training.losses"):
         assert build_perceptual_loss(None) is None
-    assert "perceptual loss off: no backbone weights given (set loss.perceptual_weights=...)" in caplog.text
+    assert "perceptual loss off: no backbone weights given (set gan.perceptual_weights=...)" in caplog.text
     assert isinstance(build_perceptual_loss(str(backbone_file[0])), PerceptualLoss2D)
 
 

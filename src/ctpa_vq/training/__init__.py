@@ -1,0 +1,6 @@
+"""Training: the typed recipe, the Accelerate loop, losses, checkpoints, validation."""
+
+from .config import TrainConfig, load_config
+from .loop import NonFiniteLossError, train
+
+__all__ = ["NonFiniteLossError", "TrainConfig", "load_config", "train"]

@@ -278,7 +278,7 @@ def build_perceptual_loss(
     """The perceptual loss from ``weights`` (file, directory or Hub repo id), or None when unset."""
     if weights is None or str(weights) == "":
         logger.warning(
-            "perceptual loss off: no backbone weights given (set loss.perceptual_weights=...)"
+            "perceptual loss off: no backbone weights given (set gan.perceptual_weights=...)"
         )
         return None
     return PerceptualLoss2D.from_pretrained(weights, filename=filename)
