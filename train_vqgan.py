@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from accelerate import PartialState
+
 from ctpa_vq.training import load_config, train
 
 DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
@@ -23,8 +25,9 @@ def main() -> None:
     parser.add_argument("--resume", default=None, help="'latest' or a checkpoint directory")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.lr=1e-4")
     args = parser.parse_args()
-    final = train(load_config(args.config, args.overrides), resume=args.resume)
-    print(f"final model: {final}")
+    result = train(load_config(args.config, args.overrides), resume=args.resume)
+    if result.final_dir is not None and PartialState().is_main_process:
+        print(f"step {result.step}: final model and pipeline in {result.final_dir}")
 
 
 if __name__ == "__main__":

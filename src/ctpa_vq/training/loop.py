@@ -82,8 +82,17 @@ def _volume_stores(config: TrainConfig, accelerator: Accelerator) -> tuple[Volum
     return train, val
 
 
-def train(config: TrainConfig, resume: str | None = None) -> Path:
-    """Run (or continue) training; returns the exported final model directory."""
+@dataclass
+class TrainResult:
+    """What `train` hands back: the trained generator (unwrapped, on this process) and where it went."""
+
+    model: VQGAN3D
+    step: int
+    final_dir: Path | None  # None when the run stopped early (`training.stop_at_step`)
+
+
+def train(config: TrainConfig, resume: str | None = None) -> TrainResult:
+    """Run (or continue) training to `training.max_steps` (or `stop_at_step`)."""
     out = Path(config.training.output_dir)
     accelerator = Accelerator(
         gradient_accumulation_steps=config.training.gradient_accumulation_steps,
@@ -234,13 +243,12 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
             if state.step >= last_step:
                 break
     progress.close()
-    final = out / "final"
-    if state.step >= config.training.max_steps:
-        if accelerator.is_main_process:
-            export_model(accelerator.unwrap_model(model), final, out)
-        accelerator.wait_for_everyone()
+    final = out / "final" if state.step >= config.training.max_steps else None
+    if final is not None and accelerator.is_main_process:
+        export_model(accelerator.unwrap_model(model), final, out)
+    accelerator.wait_for_everyone()
     accelerator.end_training()
-    return final
+    return TrainResult(accelerator.unwrap_model(model), state.step, final)
 
 
 def _check_finite(accelerator: Accelerator, loss: torch.Tensor, step: int, terms: dict) -> None:

@@ -41,14 +41,14 @@ def validate(model: VQGAN3D, volumes: VolumeStore, config: TrainConfig, sample_d
             batch_size=config.training.val_batch_size,
             return_latents=True,
         )
-        scores = reconstruction_metrics(result.volume, hu, window)
+        scores = reconstruction_metrics(result.reconstruction, hu, window)
         psnr.append(scores.psnr)
         ssim.append(scores.ssim)
         clipped.append(sum(clipped_fraction(hu, window)))
         counts += torch.bincount(result.indices.flatten().cpu(), minlength=counts.numel()).double()
         if index == 0:
             sample_dir.mkdir(parents=True, exist_ok=True)
-            save_mid_slices(sample_dir / f"step-{step:08d}.png", hu, result.volume, window)
+            save_mid_slices(sample_dir / f"step-{step:08d}.png", hu, result.reconstruction, window)
     probs = counts / counts.sum()
     perplexity = float(torch.exp(-(probs[probs > 0] * probs[probs > 0].log()).sum()))
     return {
