@@ -1,0 +1,311 @@
+"""`CTPAReconstructionPipeline`: whole CT volume -> latent grid -> whole CT volume, patch-wise."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence, Union
+
+import nibabel as nib
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.utils import BaseOutput
+
+from ..data.nifti import ct_from_image, load_ct
+from ..intensity import hu_to_unit, unit_to_hu
+from ..models import VQGAN3D
+from ..patching import BlendMode, PatchGrid, PatchStitcher
+
+VolumeInput = Union[np.ndarray, torch.Tensor, str, os.PathLike, nib.Nifti1Image]
+"""A (D, H, W) HU array/tensor in canonical orientation, a NIfTI path, or a nibabel image."""
+
+DEFAULT_PATCH_SIZE = (128, 256, 256)
+_SLAB = 16  # slices converted HU <-> [-1, 1] at a time, to bound temporaries
+_QUANTIZE_BYTES = 1 << 28  # distance-matrix budget per quantizer call
+
+
+@dataclass
+class CTPAReconstructionOutput(BaseOutput):
+    """Output of `CTPAReconstructionPipeline.__call__`.
+
+    Attributes:
+        reconstruction: `(D, H, W)` float32 HU on the CPU (numpy, or torch for `output_type="pt"`),
+            in the input's canonical orientation and shape.
+        latents: stitched continuous latents `(1, C, d, h, w)` (float32, CPU), if requested.
+        indices: code indices `(1, d, h, w)` (int64, CPU) of the quantised latents, if requested.
+    """
+
+    reconstruction: np.ndarray | torch.Tensor
+    latents: torch.Tensor | None = None
+    indices: torch.Tensor | None = None
+
+
+class CTPAReconstructionPipeline(DiffusionPipeline):
+    r"""Reconstruct whole CT volumes with a `VQGAN3D` from overlapping, blended patches.
+
+    The route is *encode the whole latent grid, then decode it*, not a per-patch forward:
+
+    1. `encode_volume`: patches of `patch_size` (aligned to the model's downsampling factor)
+       are encoded and their latents blended into one latent grid `(1, C, d, h, w)`;
+    2. the grid is quantised (pointwise, in chunks; nothing to blend);
+    3. `decode_latents`: latent patches are decoded and blended into the HU volume.
+
+    Why: the reconstruction is then exactly what a DDPM trained on these latents gets back from
+    `decode_latents`, so the reported PSNR/SSIM measure the path the DDPM uses; latents and
+    indices come as one consistent grid at no extra cost; and the cost equals a per-patch
+    forward (each patch is encoded once and its latent patch decoded once).
+
+    Patch sizes larger than the volume are shrunk to the volume (rounded up to the
+    downsampling factor): the model is fully convolutional, so this only saves the work of
+    reconstructing padding. Inference runs under `torch.inference_mode` on the model's
+    device and dtype; the volume, the latent grid and the output stay on the CPU in float32,
+    so GPU memory holds one batch of patches.
+
+    Args:
+        vqgan: the autoencoder; its `config.hu_window` maps HU to its [-1, 1] range.
+    """
+
+    def __init__(self, vqgan: VQGAN3D):
+        super().__init__()
+        self.register_modules(vqgan=vqgan)
+        vqgan.eval()
+
+    @property
+    def window(self) -> tuple[float, float]:
+        low, high = self.vqgan.config.hu_window
+        return float(low), float(high)
+
+    @property
+    def factor(self) -> tuple[int, int, int]:
+        return tuple(int(f) for f in self.vqgan.config.downsample_factor)
+
+    # ----------------------------------------------------------------------------- inputs
+
+    @staticmethod
+    def read_volume(volume: VolumeInput) -> np.ndarray | torch.Tensor:
+        """The `(D, H, W)` HU data of any accepted input; errors name the input and the problem."""
+        if isinstance(volume, (str, os.PathLike)):
+            return load_ct(volume).hu
+        if isinstance(volume, nib.spatialimages.SpatialImage):
+            return ct_from_image(volume, name=str(volume.get_filename() or "nibabel image")).hu
+        if not isinstance(volume, (np.ndarray, torch.Tensor)):
+            raise TypeError(
+                f"volume must be a (D, H, W) array/tensor, a NIfTI path or a nibabel image, got {type(volume)}"
+            )
+        if volume.ndim != 3:
+            raise ValueError(f"volume must be 3D (D, H, W), got shape {tuple(volume.shape)}")
+        finite = np.isfinite(volume).all() if isinstance(volume, np.ndarray) else torch.isfinite(volume).all()
+        if not finite:
+            raise ValueError("volume holds NaN or Inf voxels")
+        return volume
+
+    def _to_unit(self, hu: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """HU `(D, H, W)` -> float32 `(1, D, H, W)` CPU tensor in [-1, 1], slab by slab."""
+        hu = torch.as_tensor(np.ascontiguousarray(hu) if isinstance(hu, np.ndarray) else hu).cpu()
+        unit = torch.empty((1, *hu.shape), dtype=torch.float32)
+        for start in range(0, hu.shape[0], _SLAB):
+            unit[0, start : start + _SLAB] = hu_to_unit(hu[start : start + _SLAB], self.window)
+        return unit
+
+    def _to_hu(self, unit: torch.Tensor) -> torch.Tensor:
+        """In place: `(..., D, H, W)` in [-1, 1] -> HU (clipped to the window), slab by slab along D."""
+        for slab in unit.split(_SLAB, dim=-3):
+            slab.copy_(unit_to_hu(slab, self.window))
+        return unit
+
+    def _grid(
+        self, shape: Sequence[int], patch_size: Sequence[int], overlap: float | int | Sequence[float | int]
+    ) -> PatchGrid:
+        """Pixel-space grid aligned to the downsampling factor, patches no larger than the volume."""
+        patch = tuple(
+            min(int(p), -(-int(n) // f) * f) for p, n, f in zip(_three(patch_size, "patch_size"), shape, self.factor)
+        )
+        return PatchGrid(shape, patch, overlap, align=self.factor)
+
+    # ----------------------------------------------------------------------------- the three stages
+
+    @torch.inference_mode()
+    def encode_volume(
+        self,
+        volume: VolumeInput,
+        patch_size: Sequence[int] = DEFAULT_PATCH_SIZE,
+        overlap: float | int | Sequence[float | int] = 0.25,
+        blend: BlendMode = "gaussian",
+        batch_size: int = 1,
+    ) -> torch.Tensor:
+        """HU volume `(D, H, W)` -> continuous latent grid `(1, C, ceil(D/f), ceil(H/f), ceil(W/f))`.
+
+        Latent patches are blended in latent space. These are the unscaled latents of
+        `VQGAN3D.encode`; a DDPM standardises them with `vqgan.scale_latents`.
+        """
+        unit = self._to_unit(self.read_volume(volume))
+        return self._encode_unit(unit, patch_size, overlap, blend, batch_size)
+
+    def _encode_unit(self, unit: torch.Tensor, patch_size, overlap, blend, batch_size) -> torch.Tensor:
+        grid = self._grid(unit.shape[1:], patch_size, overlap)
+        stitcher = PatchStitcher(grid, blend, output_scale=[1 / f for f in self.factor])
+        with self.progress_bar(total=len(grid)) as bar:
+            bar.set_description("encode patches")
+            latents = stitcher(
+                self.vqgan.encode,
+                unit,
+                batch_size=batch_size,
+                device=self.vqgan.device,
+                dtype=self.vqgan.dtype,
+                out_device="cpu",
+                progress=bar,
+            )
+        return latents[None]
+
+    @torch.inference_mode()
+    def quantize_latents(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latent grid `(1, C, d, h, w)` -> `(z_q (1, C, d, h, w) float32, indices (1, d, h, w))` on the CPU.
+
+        Quantisation is per latent vector, so it runs on chunks of vectors sized to keep the
+        nearest-code distance matrix under 256 MiB, whatever the grid size.
+        """
+        _check_latents(latents, self.vqgan.config.vq_embed_dim)
+        channels, spatial = latents.shape[1], latents.shape[2:]
+        vectors = latents[0].reshape(channels, -1)
+        chunk = max(1, _QUANTIZE_BYTES // (4 * int(self.vqgan.quantizer.num_codes)))
+        z_q = torch.empty_like(vectors, dtype=torch.float32, device="cpu")
+        indices = torch.empty(vectors.shape[1], dtype=torch.long)
+        for start in range(0, vectors.shape[1], chunk):
+            piece = vectors[:, start : start + chunk].to(self.vqgan.device, torch.float32)
+            codes, idx, _ = self.vqgan.quantize(piece.reshape(1, channels, -1, 1, 1))
+            z_q[:, start : start + chunk] = codes.reshape(channels, -1).float().cpu()
+            indices[start : start + chunk] = idx.reshape(-1).cpu()
+        return z_q.reshape(1, channels, *spatial), indices.reshape(1, *spatial)
+
+    @torch.inference_mode()
+    def decode_latents(
+        self,
+        latents: torch.Tensor,
+        patch_size: Sequence[int] = DEFAULT_PATCH_SIZE,
+        overlap: float | int | Sequence[float | int] = 0.25,
+        blend: BlendMode = "gaussian",
+        batch_size: int = 1,
+        quantize: bool = True,
+        volume_shape: Sequence[int] | None = None,
+        output_type: str = "np",
+    ) -> np.ndarray | torch.Tensor:
+        """Latent grid `(1, C, d, h, w)` -> HU volume `(D, H, W)` float32 on the CPU.
+
+        Args:
+            latents: unscaled latents (a DDPM's samples go through `vqgan.unscale_latents` first).
+            patch_size: in *pixels* (the latent patch is `patch_size / f`), as for `encode_volume`.
+            overlap: fraction, or voxels in pixels.
+            quantize: snap to the codebook first (set False for already quantised latents).
+            volume_shape: crop the result to this `(D, H, W)`; default `(d*f, h*f, w*f)`.
+            output_type: `"np"` or `"pt"`.
+        """
+        _check_latents(latents, self.vqgan.config.vq_embed_dim)
+        if quantize:
+            latents = self.quantize_latents(latents)[0]
+        latent_shape = tuple(latents.shape[2:])
+        pixel_grid = self._grid([n * f for n, f in zip(latent_shape, self.factor)], patch_size, overlap)
+        latent_patch = [p // f for p, f in zip(pixel_grid.patch_size, self.factor)]
+        latent_overlap = [
+            o if isinstance(o, float) else int(o) // f for o, f in zip(_three(overlap, "overlap"), self.factor)
+        ]
+        grid = PatchGrid(latent_shape, latent_patch, latent_overlap)
+        if volume_shape is not None:
+            volume_shape = _three(volume_shape, "volume_shape")
+            if any(not (n - f < v <= n) for v, n, f in zip(volume_shape, pixel_grid.volume_shape, self.factor)):
+                raise ValueError(f"volume shape {volume_shape} does not fit latents of shape {latent_shape}")
+        stitcher = PatchStitcher(grid, blend, output_scale=self.factor, output_shape=volume_shape)
+        with self.progress_bar(total=len(grid)) as bar:
+            bar.set_description("decode patches")
+            unit = stitcher(
+                self.vqgan.decode,
+                latents[0],
+                batch_size=batch_size,
+                device=self.vqgan.device,
+                dtype=self.vqgan.dtype,
+                out_device="cpu",
+                progress=bar,
+            )
+        hu = self._to_hu(unit[0])
+        return hu.numpy() if output_type == "np" else hu
+
+    @torch.inference_mode()
+    def __call__(
+        self,
+        volume: VolumeInput,
+        patch_size: Sequence[int] = DEFAULT_PATCH_SIZE,
+        overlap: float | int | Sequence[float | int] = 0.25,
+        blend: BlendMode = "gaussian",
+        batch_size: int = 1,
+        return_latents: bool = False,
+        output_type: str = "np",
+        return_dict: bool = True,
+    ) -> CTPAReconstructionOutput | tuple:
+        """Reconstruct a whole HU volume patch-wise.
+
+        Args:
+            volume: `(D, H, W)` HU (numpy/torch, canonical orientation), a NIfTI path or a nibabel image.
+            patch_size: `(D, H, W)` patch in voxels; default (128, 256, 256), i.e. 256x256x128 in x-y-z.
+            overlap: per-axis fraction in [0, 1) or voxel count; default 25%.
+            blend: `"gaussian"`, `"linear"` or `"constant"`.
+            batch_size: patches per model call.
+            return_latents: also return the latent grid and its code indices.
+            output_type: `"np"` or `"pt"` for the reconstruction.
+
+        Returns:
+            `CTPAReconstructionOutput` (or a tuple `(reconstruction, latents, indices)`).
+        """
+        if output_type not in ("np", "pt"):
+            raise ValueError(f"output_type must be 'np' or 'pt', got {output_type!r}")
+        hu = self.read_volume(volume)
+        latents = self._encode_unit(self._to_unit(hu), patch_size, overlap, blend, batch_size)
+        z_q, indices = self.quantize_latents(latents)
+        reconstruction = self.decode_latents(
+            z_q, patch_size, overlap, blend, batch_size, quantize=False, volume_shape=hu.shape, output_type=output_type
+        )
+        output = CTPAReconstructionOutput(
+            reconstruction=reconstruction,
+            latents=latents if return_latents else None,
+            indices=indices if return_latents else None,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+def load_reconstruction_pipeline(
+    name_or_path: str | os.PathLike, torch_dtype: torch.dtype | None = None
+) -> CTPAReconstructionPipeline:
+    """A pipeline from a saved pipeline (`model_index.json`) or a bare `VQGAN3D` (`config.json`),
+    as a local directory or a Hub repo id."""
+    path = Path(name_or_path)
+    kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+    if path.is_dir():
+        if (path / "model_index.json").is_file():
+            return CTPAReconstructionPipeline.from_pretrained(path, **kwargs)
+        if (path / "config.json").is_file():
+            return CTPAReconstructionPipeline(VQGAN3D.from_pretrained(path, **kwargs))
+        raise FileNotFoundError(f"{path}: neither a saved pipeline (model_index.json) nor a model (config.json)")
+    name = str(name_or_path)
+    if path.exists() or path.is_absolute() or name.startswith(".") or name.count("/") != 1:
+        raise FileNotFoundError(f"{path}: not a model directory (nor an org/name Hub repo id)")
+    from huggingface_hub import file_exists
+
+    try:
+        has_pipeline = file_exists(name, "model_index.json")
+    except Exception as err:  # offline, unknown repo, no access: all mean this model cannot be had
+        raise FileNotFoundError(f"{name}: no such local directory, and the Hub lookup failed ({err})") from err
+    if has_pipeline:
+        return CTPAReconstructionPipeline.from_pretrained(name, **kwargs)
+    return CTPAReconstructionPipeline(VQGAN3D.from_pretrained(name, **kwargs))
+
+
+def _three(value, name: str) -> tuple:
+    values = tuple(value) if isinstance(value, (tuple, list)) else (value,) * 3
+    if len(values) != 3:
+        raise ValueError(f"{name} must have 3 entries (D, H, W), got {value}")
+    return values
+
+
+def _check_latents(latents: torch.Tensor, channels: int) -> None:
+    if latents.ndim != 5 or latents.shape[0] != 1 or latents.shape[1] != channels:
+        raise ValueError(f"latents must be (1, {channels}, d, h, w), got shape {tuple(latents.shape)}")

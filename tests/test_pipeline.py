@@ -1,0 +1,164 @@
+"""CTPAReconstructionPipeline: exact stitching in latent space, inputs, save/load, bad input."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ctpa_vq import CTPAReconstructionPipeline, VQGAN3D
+from ctpa_vq.data.nifti import CTFileError
+from ctpa_vq.intensity import hu_to_unit
+from ctpa_vq.patching import BLEND_MODES
+from ctpa_vq.pipelines import CTPAReconstructionOutput, load_reconstruction_pipeline
+
+PATCH = (8, 16, 16)
+
+
+class BlockAutoencoder(VQGAN3D):
+    """A VQGAN3D whose encoder averages f-blocks and whose decoder repeats them, with an
+    identity quantizer: exact on volumes that are constant on f-aligned blocks."""
+
+    def encode(self, x):
+        return F.avg_pool3d(x, self.config.downsample_factor).repeat(1, self.config.vq_embed_dim, 1, 1, 1)
+
+    def quantize(self, z):
+        return z, torch.zeros((z.shape[0], *z.shape[2:]), dtype=torch.long), None
+
+    def decode(self, z_q):
+        x = z_q.mean(1, keepdim=True)
+        for axis, f in enumerate(self.config.downsample_factor):
+            x = x.repeat_interleave(f, dim=axis + 2)
+        return x
+
+
+def _pipeline(model: VQGAN3D) -> CTPAReconstructionPipeline:
+    pipeline = CTPAReconstructionPipeline(model)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+@pytest.fixture(scope="module")
+def tiny() -> CTPAReconstructionPipeline:
+    torch.manual_seed(0)
+    return _pipeline(VQGAN3D.from_preset("tiny"))
+
+
+def _phantom(shape, seed=0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.integers(-1100, 2100, size=shape).astype(np.int16)
+
+
+def _block_volume(shape, factor, seed=0) -> np.ndarray:
+    """Integer HU constant on factor-aligned blocks, cropped to ``shape`` (odd shapes included)."""
+    blocks = _phantom([-(-s // f) for s, f in zip(shape, factor)], seed)
+    for axis, f in enumerate(factor):
+        blocks = blocks.repeat(f, axis=axis)
+    return blocks[: shape[0], : shape[1], : shape[2]]
+
+
+@pytest.mark.parametrize("blend", BLEND_MODES)
+@pytest.mark.parametrize("shape", [(37, 21, 30), (6, 9, 5)])
+def test_exact_model_reconstructs_input_exactly(blend, shape):
+    """Encode -> latent blending -> decode -> blending is exact for an exact model, on odd shapes
+    and on volumes smaller than the patch; HU outside the window comes back clipped."""
+    model = BlockAutoencoder.from_preset("tiny", downsample_factor=(2, 4, 4))
+    volume = _block_volume(shape, (2, 4, 4))
+    out = _pipeline(model)(volume, patch_size=(8, 16, 16), overlap=0.25, blend=blend, batch_size=2, return_latents=True)
+    expected = np.clip(volume, *model.config.hu_window).astype(np.float32)
+    np.testing.assert_allclose(out.reconstruction, expected, rtol=0, atol=2e-3)
+    assert out.latents.shape == (1, 8, *(-(-s // f) for s, f in zip(shape, (2, 4, 4))))
+
+
+def test_reconstruction_equals_encode_then_decode(tiny):
+    volume = _phantom((12, 20, 22))
+    out = tiny(volume, patch_size=PATCH, batch_size=8, return_latents=True)
+    assert isinstance(out, CTPAReconstructionOutput)
+    assert out.reconstruction.shape == volume.shape and out.reconstruction.dtype == np.float32
+    low, high = tiny.window
+    assert out.reconstruction.min() >= low and out.reconstruction.max() <= high
+    assert out.latents.shape == (1, 8, 3, 5, 6) and out.latents.dtype == torch.float32
+    assert out.indices.shape == (1, 3, 5, 6) and out.indices.dtype == torch.long
+
+    latents = tiny.encode_volume(volume, patch_size=PATCH, batch_size=8)
+    torch.testing.assert_close(latents, out.latents, rtol=0, atol=0)
+    decoded = tiny.decode_latents(latents, patch_size=PATCH, batch_size=8, volume_shape=volume.shape)
+    np.testing.assert_array_equal(decoded, out.reconstruction)
+    z_q, indices = tiny.quantize_latents(latents)
+    torch.testing.assert_close(indices, out.indices, rtol=0, atol=0)
+    torch.testing.assert_close(z_q, tiny.vqgan.quantizer.indices_to_codes(indices), rtol=0, atol=0)
+    uncropped = tiny.decode_latents(z_q, patch_size=PATCH, batch_size=8, quantize=False, output_type="pt")
+    assert uncropped.shape == (12, 20, 24)
+    torch.testing.assert_close(uncropped[:, :, :22].numpy(), out.reconstruction, rtol=0, atol=0)
+
+
+def test_one_patch_latents_equal_whole_volume_encode(tiny):
+    """When one patch covers the volume, the stitched latent grid is the model's own encoding."""
+    volume = _phantom((12, 16, 16), seed=1)
+    latents = tiny.encode_volume(volume, patch_size=(16, 32, 32))
+    with torch.inference_mode():
+        expected = tiny.vqgan.encode(hu_to_unit(torch.from_numpy(volume), tiny.window)[None, None])
+    torch.testing.assert_close(latents, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_every_input_kind_gives_the_same_result(tiny, tmp_path):
+    volume = _phantom((8, 16, 12), seed=2)
+    path = tmp_path / "ct.nii.gz"
+    nib.save(nib.Nifti1Image(volume.transpose(2, 1, 0), np.diag([0.7, 0.7, 2.0, 1.0])), path)
+    reference = tiny(volume, patch_size=PATCH, batch_size=8).reconstruction
+    for given in (path, str(path), nib.load(path), torch.from_numpy(volume), volume.astype(np.float64)):
+        np.testing.assert_array_equal(tiny(given, patch_size=PATCH, batch_size=8).reconstruction, reference)
+    as_tuple = tiny(volume, patch_size=PATCH, batch_size=8, output_type="pt", return_dict=False)
+    assert len(as_tuple) == 1 and isinstance(as_tuple[0], torch.Tensor)  # BaseOutput drops None fields
+
+
+def test_save_load_round_trip(tiny, tmp_path):
+    volume = _phantom((8, 16, 16), seed=3)
+    expected = tiny(volume, patch_size=PATCH, batch_size=8).reconstruction
+    tiny.save_pretrained(tmp_path / "pipeline")
+    tiny.vqgan.save_pretrained(tmp_path / "model")
+    loaded = [
+        CTPAReconstructionPipeline.from_pretrained(tmp_path / "pipeline"),
+        load_reconstruction_pipeline(tmp_path / "pipeline"),
+        load_reconstruction_pipeline(tmp_path / "model"),
+    ]
+    for pipeline in loaded:
+        pipeline.set_progress_bar_config(disable=True)
+        assert isinstance(pipeline.vqgan, VQGAN3D) and not pipeline.vqgan.training
+        np.testing.assert_array_equal(pipeline(volume, patch_size=PATCH, batch_size=8).reconstruction, expected)
+    with pytest.raises(FileNotFoundError, match="neither"):
+        load_reconstruction_pipeline(tmp_path)
+
+
+def test_bfloat16_model_runs_in_its_dtype(tmp_path):
+    torch.manual_seed(0)
+    VQGAN3D.from_preset("tiny").save_pretrained(tmp_path)
+    pipeline = load_reconstruction_pipeline(tmp_path, torch_dtype=torch.bfloat16)
+    pipeline.set_progress_bar_config(disable=True)
+    assert pipeline.vqgan.dtype == torch.bfloat16
+    seen = []
+    pipeline.vqgan.decoder.register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
+    out = pipeline(_phantom((8, 16, 16)), patch_size=PATCH, batch_size=8, return_latents=True)
+    assert set(seen) == {torch.bfloat16}
+    assert out.reconstruction.dtype == np.float32 and out.latents.dtype == torch.float32
+
+
+def test_bad_inputs_raise_clear_errors(tiny, tmp_path):
+    with pytest.raises(ValueError, match="3D"):
+        tiny(np.zeros((2, 8, 16, 16), dtype=np.int16))
+    bad = np.zeros((8, 16, 16), dtype=np.float32)
+    bad[1, 2, 3] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        tiny(bad)
+    with pytest.raises(FileNotFoundError, match="missing.nii.gz"):
+        tiny(tmp_path / "missing.nii.gz")
+    four_d = tmp_path / "four_d.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8, 3), dtype=np.int16), np.eye(4)), four_d)
+    with pytest.raises(CTFileError, match="four_d.nii.gz"):
+        tiny(four_d)
+    with pytest.raises(ValueError, match="latents"):
+        tiny.decode_latents(torch.zeros(1, 3, 2, 2, 2))
+    with pytest.raises(ValueError, match="output_type"):
+        tiny(np.zeros((8, 16, 16), dtype=np.int16), output_type="pil")
