@@ -1,0 +1,230 @@
+"""Data throughput: ``RandomPatchDataset`` vs raw numpy memmap slicing of the same patches.
+
+Writes ``--volumes`` full-size phantoms (default 16 x 604 x 512 x 512, about 5 GB as NIfTI plus
+the same as Arrow) into a temporary directory, prepares them (and a dataset of the first
+``--rss-volumes``), then measures in fresh subprocesses, each starting with the files evicted
+from the page cache (``posix_fadvise(DONTNEED)``):
+
+* ``dataset``: ``RandomPatchDataset[i]`` (slice of the memory-mapped Arrow buffer + HU window
+  + [-1, 1] float32), the thing training uses;
+* ``store``: the same slices copied as int16 (the storage path alone);
+* ``raw``: ``np.load(mmap_mode="r")`` of a plain ``.npy`` copy of the same volumes, the same
+  patches copied as int16: the limit on this machine;
+* ``raw+window``: the raw slice plus the same window/scaling as the dataset.
+
+Each reads the same patches cold (first read, from disk) and then warm (page cache, best of 3).
+"Bytes read per patch" is the kernel's ``read_bytes`` (``/proc/self/io``: bytes fetched from
+storage) over the cold pass divided by the number of patches; it includes the kernel's
+read-ahead, so it is compared with the patch size, with the bytes the patch spans in the
+volume (4 KB pages touched, computed), and with the whole volume a decompress-per-patch
+reader would read. Peak RSS (``VmHWM``) and anonymous RSS are taken from ``/proc/self/status``
+after reading the same number of patches from ``--rss-volumes`` and from ``--volumes`` volumes.
+
+    python benchmarks/data_throughput.py                              # full size, ~4 min on 2 cores
+    python benchmarks/data_throughput.py --volumes 4 --shape 96 128 128 --patch 32 64 64   # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+MODES = ("dataset", "store", "raw", "raw+window")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--volumes", type=int, default=16)
+    parser.add_argument("--rss-volumes", type=int, default=4)
+    parser.add_argument("--shape", type=int, nargs=3, default=(604, 512, 512), metavar=("D", "H", "W"))
+    parser.add_argument("--patch", type=int, nargs=3, default=(128, 256, 256), metavar=("D", "H", "W"))
+    parser.add_argument("--patches", type=int, default=48, help="patches read per measurement")
+    parser.add_argument("--workdir", default=None, help="parent of the temporary directory (default: system temp)")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--data", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(_child(args)))
+        return
+    if args.rss_volumes > args.volumes:
+        parser.error("--rss-volumes must not exceed --volumes")
+
+    volume_bytes = 2 * math.prod(args.shape)
+    needed = volume_bytes * (2 * args.volumes + 2 * args.rss_volumes) * 1.1
+    parent = Path(args.workdir or tempfile.gettempdir())
+    free = shutil.disk_usage(parent).free
+    if free < needed:
+        sys.exit(f"{parent}: {free / 2**30:.1f} GiB free, this run needs about {needed / 2**30:.1f} GiB")
+    work = Path(tempfile.mkdtemp(dir=parent, prefix="ctpa_vq_data_bench-"))
+    try:
+        _run(args, work, volume_bytes)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _run(args: argparse.Namespace, work: Path, volume_bytes: int) -> None:
+    from tqdm.auto import tqdm
+
+    from ctpa_vq.data.phantom import write_phantom_nifti
+    from ctpa_vq.data.prepare import prepare_dataset
+
+    start = time.perf_counter()
+    nifti, nifti_small = work / "nifti", work / "nifti_small"
+    nifti_small.mkdir(parents=True)
+    for i in tqdm(range(args.volumes), desc="write phantoms", unit="volume"):
+        path = write_phantom_nifti(nifti / f"phantom_{i:03d}.nii", args.shape, seed=i)
+        if i < args.rss_volumes:
+            (nifti_small / path.name).symlink_to(path)
+    prepare_dataset(nifti, work / "ds_all", val_fraction=0.0)
+    prepare_dataset(nifti_small, work / "ds_small", val_fraction=0.0)
+    shutil.rmtree(nifti)
+    setup = _spawn(args, "setup", work / "ds_small", work)
+    os.sync()  # written pages must be clean before they can be evicted
+    print(f"setup (write, prepare, raw copies): {time.perf_counter() - start:.0f} s")
+
+    results = {mode: _spawn(args, mode, work / "ds_small", work) for mode in MODES}
+    rss = {n: _spawn(args, "dataset", work / d, work) for n, d in
+           ((args.rss_volumes, "ds_small"), (args.volumes, "ds_all"))}
+
+    patch_bytes = 2 * math.prod(args.patch)
+    _report(args, results, rss, setup, patch_bytes, volume_bytes)
+
+
+def _report(args, results, rss, setup, patch_bytes, volume_bytes) -> None:
+    print(f"\nshape {tuple(args.shape)} (D, H, W) int16, patch {tuple(args.patch)}, {args.patches} patches "
+          f"from {args.rss_volumes} volumes; {os.cpu_count()} CPU cores")
+    print(f"{'reader':<12}{'cold p/s':>10}{'cold MB/s':>11}{'warm p/s':>10}{'warm MB/s':>11}"
+          f"{'read/patch':>12}{'vs raw (warm)':>15}")
+    raw_warm = results["raw"]["warm_s"]
+    for mode, r in results.items():
+        n = args.patches
+        print(f"{mode:<12}{n / r['cold_s']:>10.1f}{n * patch_bytes / r['cold_s'] / 1e6:>11.0f}"
+              f"{n / r['warm_s']:>10.1f}{n * patch_bytes / r['warm_s'] / 1e6:>11.0f}"
+              f"{r['read_bytes'] / n / 1e6:>10.1f}MB{raw_warm / r['warm_s']:>15.2f}")
+    print(f"(MB/s counts the int16 HU bytes of the patch: {patch_bytes / 1e6:.1f} MB; the dataset hands out "
+          f"float32, twice that)")
+    print(f"bytes per patch: patch {patch_bytes / 1e6:.1f} MB, spanned pages {setup['touched_bytes'] / 1e6:.1f} MB, "
+          f"read from disk (cold, with read-ahead) dataset {results['dataset']['read_bytes'] / args.patches / 1e6:.1f}"
+          f" MB vs raw {results['raw']['read_bytes'] / args.patches / 1e6:.1f} MB, whole volume "
+          f"{volume_bytes / 1e6:.0f} MB")
+    for n, r in rss.items():
+        print(f"dataset over {n:>3} volumes: peak RSS {r['vm_hwm'] / 2**20:.0f} MiB, anonymous "
+              f"{r['rss_anon'] / 2**20:.0f} MiB, file-backed {r['rss_file'] / 2**20:.0f} MiB (after {args.patches} patches)")
+    small, large = rss.values()
+    print(f"RSS ratio {args.volumes} / {args.rss_volumes} volumes: peak {large['vm_hwm'] / small['vm_hwm']:.2f}, "
+          f"anonymous {large['rss_anon'] / small['rss_anon']:.2f}")
+    print(f"dataset warm rate / raw warm rate: {raw_warm / results['dataset']['warm_s']:.2f}; "
+          f"store (storage path) / raw: {raw_warm / results['store']['warm_s']:.2f}; "
+          f"dataset / raw+window: {results['raw+window']['warm_s'] / results['dataset']['warm_s']:.2f}")
+
+
+def _spawn(args: argparse.Namespace, mode: str, data: Path, work: Path) -> dict:
+    command = [sys.executable, __file__, "--child", mode, "--data", str(data), "--workdir", str(work),
+               "--shape", *map(str, args.shape), "--patch", *map(str, args.patch), "--patches", str(args.patches)]
+    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _child(args: argparse.Namespace) -> dict:
+    from ctpa_vq.data.patch_dataset import VolumeStore, hu_patch_to_unit
+
+    work, data = Path(args.workdir), Path(args.data)
+    raw_dir = work / "raw"
+    if args.child == "setup":
+        store = VolumeStore.from_disk(data)
+        raw_dir.mkdir(exist_ok=True)
+        for i in range(len(store)):
+            np.save(raw_dir / f"{i}.npy", store.volume(i))
+        dataset = _patch_dataset(store, args)
+        origins = [dataset.patch_origin(i) for i in range(args.patches)]
+        (work / "origins.json").write_text(json.dumps(origins))
+        return {"touched_bytes": _spanned_page_bytes(store.shapes[0], origins[0][1], args.patch)}
+
+    for path in list(data.rglob("*.arrow")) + list(raw_dir.glob("*.npy")):
+        _evict(path)
+    origins = [(v, tuple(o)) for v, o in json.loads((work / "origins.json").read_text())]
+
+    if args.child == "dataset":
+        dataset = _patch_dataset(VolumeStore.from_disk(data), args)
+        read = lambda i: dataset[i]["pixel_values"]  # noqa: E731
+    elif args.child == "store":
+        store = VolumeStore.from_disk(data)
+        read = lambda i: np.array(store.volume(origins[i][0])[_slices(origins[i][1], args.patch)])  # noqa: E731
+    else:
+        volumes = [np.load(raw_dir / f"{i}.npy", mmap_mode="r") for i in range(len(list(raw_dir.glob("*.npy"))))]
+        if args.child == "raw":
+            read = lambda i: np.array(volumes[origins[i][0]][_slices(origins[i][1], args.patch)])  # noqa: E731
+        else:
+            read = lambda i: hu_patch_to_unit(volumes[origins[i][0]][_slices(origins[i][1], args.patch)])  # noqa: E731
+
+    def timed_pass() -> float:
+        start = time.perf_counter()
+        for i in range(args.patches):
+            read(i)
+        return time.perf_counter() - start
+
+    read_bytes_before = _proc_io()["read_bytes"]
+    timings = {"cold_s": timed_pass(), "read_bytes": _proc_io()["read_bytes"] - read_bytes_before}
+    timings["warm_s"] = min(timed_pass() for _ in range(3))  # best of 3: the machine is shared
+    status = _proc_status()
+    return {**timings, "vm_hwm": status["VmHWM"], "rss_anon": status["RssAnon"], "rss_file": status["RssFile"]}
+
+
+def _patch_dataset(store, args):
+    from ctpa_vq.data.patch_dataset import RandomPatchDataset
+
+    per_volume = math.ceil(args.patches / len(store))
+    return RandomPatchDataset(store, tuple(args.patch), patches_per_volume=per_volume, seed=0)
+
+
+def _slices(origin, size) -> tuple[slice, ...]:
+    return tuple(slice(o, o + s) for o, s in zip(origin, size))
+
+
+def _spanned_page_bytes(shape, origin, patch, page: int = 4096) -> int:
+    """Bytes of the distinct 4 KB pages a C-order int16 patch touches in its volume."""
+    depth, height, width = shape
+    d = np.arange(origin[0], origin[0] + patch[0])[:, None]
+    h = np.arange(origin[1], origin[1] + patch[1])[None, :]
+    row_start = 2 * ((d * height + h) * width + origin[2])
+    first, last = row_start // page, (row_start + 2 * patch[2] - 1) // page
+    pages = np.unique(np.concatenate([np.arange(f, l + 1) for f, l in zip(first.ravel(), last.ravel())]))
+    return int(pages.size * page)
+
+
+def _evict(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def _proc_io() -> dict[str, int]:
+    with open("/proc/self/io") as f:
+        return {k: int(v) for k, v in (line.split(": ") for line in f)}
+
+
+def _proc_status() -> dict[str, int]:
+    """Memory fields of /proc/self/status in bytes."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if value.strip().endswith("kB"):
+                out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,210 @@
+"""Patch access: zero-copy volumes, deterministic random patches, the grid, and Accelerate sharding."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import textwrap
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from ctpa_vq.data.patch_dataset import GridPatchDataset, RandomPatchDataset, VolumeStore, hu_patch_to_unit
+from ctpa_vq.data.phantom import make_phantom
+from ctpa_vq.data.prepare import prepare_dataset
+from ctpa_vq.intensity import hu_to_unit, unit_to_hu
+from ctpa_vq.patching import PatchGrid
+
+# Source axes (i, j, k) run (-A, -S, +R): an LPS-like, axis-permuted orientation.
+PERMUTED_AFFINE = np.array(
+    [[0.0, 0.0, 0.8, -40.0], [-0.6, 0.0, 0.0, 25.0], [0.0, -2.5, 0.0, 100.0], [0.0, 0.0, 0.0, 1.0]]
+)
+PATCH = (8, 8, 8)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """Four volumes written with a non-canonical affine, prepared; returns (dataset dir, sources)."""
+    root = tmp_path_factory.mktemp("patches")
+    (root / "in").mkdir()
+    sources = {}
+    for i in range(4):
+        hu = np.random.default_rng(i).integers(-1024, 2048, (20 + i, 24, 18)).astype(np.int16)
+        sources[f"vol{i}"] = hu
+        nib.save(nib.Nifti1Image(hu, PERMUTED_AFFINE), root / "in" / f"vol{i}.nii.gz")
+    prepare_dataset(root / "in", root / "out", val_fraction=0.0, progress=False)
+    return root / "out", sources
+
+
+@pytest.fixture(scope="module")
+def store(prepared):
+    return VolumeStore.from_disk(prepared[0], "train")
+
+
+def test_prepare_load_patch_round_trip_keeps_hu_at_world_coordinates(prepared, store):
+    """Every voxel of every patch holds the source voxel at the same world position."""
+    _, sources = prepared
+    dataset = RandomPatchDataset(store, PATCH, patches_per_volume=3, seed=1)
+    for index in range(len(dataset)):
+        item = dataset[index]
+        volume_index = item["volume_index"]
+        source = sources[item["patient_id"]]
+        hu = np.rint(unit_to_hu(item["pixel_values"][0].numpy())).astype(int)
+        d, h, w = (np.indices(PATCH).reshape(3, -1).T + item["origin"].numpy()).T
+        world = store.affine(volume_index) @ np.stack([w, h, d, np.ones_like(d)])
+        i, j, k = np.rint(np.linalg.solve(PERMUTED_AFFINE, world)[:3]).astype(int)
+        np.testing.assert_array_equal(hu.reshape(-1), source[i, j, k])
+
+
+def test_volume_is_a_read_only_view_into_the_memory_mapped_file(store):
+    volume = store.volume(2)
+    assert volume.shape == store.shapes[2] and volume.dtype == np.int16
+    assert not volume.flags.writeable and not volume.flags.owndata
+    address = volume.ctypes.data
+    mapped = []
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            if line.rstrip().endswith(".arrow"):
+                start, end = (int(x, 16) for x in line.split()[0].split("-"))
+                mapped.append(start <= address and address + volume.nbytes <= end)
+    assert any(mapped), "the volume is not inside a memory-mapped Arrow file"
+
+
+@pytest.mark.parametrize("rows", [range(1, 3), [3, 0]])
+def test_selected_rows_give_the_same_volumes(store, rows):
+    """A contiguous `select` (table slice) and an index mapping (flattened) both keep the volumes right."""
+    subset = VolumeStore(store.dataset.select(rows))
+    assert subset.patient_ids == [store.patient_ids[r] for r in rows]
+    for i, r in enumerate(rows):
+        np.testing.assert_array_equal(subset.volume(i), store.volume(r))
+
+
+def test_hu_patch_to_unit_matches_the_intensity_contract():
+    hu = make_phantom((16, 16, 16), seed=0)[2:14, ::2, 3:]
+    hu[0, 0, 0], hu[0, 0, 1] = -3000, 3000  # outside the window on both sides
+    for window in [(-1024.0, 2048.0), (-200.0, 400.0)]:
+        np.testing.assert_allclose(hu_patch_to_unit(hu, window).numpy(), hu_to_unit(hu, window), atol=1e-6)
+
+
+def test_random_patches_are_deterministic_by_seed_epoch_and_index(store):
+    dataset = RandomPatchDataset(store, PATCH, patches_per_volume=5, seed=3)
+    assert len(dataset) == 20
+    epoch0 = [dataset.patch_origin(i) for i in range(len(dataset))]
+    again = RandomPatchDataset(store, PATCH, patches_per_volume=5, seed=3)
+    assert [again.patch_origin(i) for i in range(len(dataset))] == epoch0  # a resumed run
+    assert [v for v, _ in epoch0] == [i % 4 for i in range(20)]
+    dataset.set_epoch(1)
+    epoch1 = [dataset.patch_origin(i) for i in range(len(dataset))]
+    assert sum(a != b for a, b in zip(epoch0, epoch1)) > 15
+    dataset.set_epoch(0)
+    item = dataset[7]
+    assert item["index"] == 7 and tuple(item["origin"].tolist()) == epoch0[7][1]
+    assert item["pixel_values"].shape == (1, *PATCH) and item["pixel_values"].dtype == torch.float32
+    with pytest.raises(IndexError):
+        dataset.patch_origin(20)
+
+
+def test_foreground_bias_steers_patches_away_from_air(tmp_path):
+    hu = np.full((40, 40, 40), -1000, np.int16)
+    hu[24:, 24:, 24:] = 40  # a body block in one corner: most random patches miss it
+    nib.save(nib.Nifti1Image(hu, np.eye(4)), tmp_path / "corner.nii")
+    prepare_dataset(tmp_path, tmp_path / "out", val_fraction=0.0, progress=False)
+    store = VolumeStore.from_disk(tmp_path / "out")
+
+    def foreground(dataset):
+        return [float((unit_to_hu(dataset[i]["pixel_values"]) > -500).float().mean()) for i in range(len(dataset))]
+
+    plain = foreground(RandomPatchDataset(store, (16, 16, 16), patches_per_volume=40, seed=0))
+    biased = foreground(RandomPatchDataset(store, (16, 16, 16), patches_per_volume=40, seed=0,
+                                           min_foreground_fraction=0.05, max_draws=32))
+    assert sum(f == 0 for f in plain) > 20
+    assert sum(f == 0 for f in biased) <= 1
+    assert np.mean(biased) > 2 * np.mean(plain)
+
+
+def test_volume_smaller_than_the_patch_is_an_error_naming_the_patient(store):
+    with pytest.raises(ValueError, match=r"patient 'vol0'.*smaller than the patch \(64, 8, 8\)"):
+        RandomPatchDataset(store, (64, 8, 8))
+
+
+def test_grid_patches_follow_the_stitcher_grid(store):
+    dataset = GridPatchDataset(store, (16, 16, 16), overlap=0.25)
+    grids = [PatchGrid(shape, (16, 16, 16), 0.25) for shape in store.shapes]
+    assert len(dataset) == sum(len(g) for g in grids)
+    items = [dataset[i] for i in range(len(dataset))]
+    assert [tuple(it["origin"].tolist()) for it in items if it["volume_index"] == 1] == grids[1].origins
+    for item in items:
+        volume = store.volume(item["volume_index"])
+        origin = item["origin"].tolist()
+        padded = np.pad(volume, [(0, 16)] * 3, mode="edge")[tuple(slice(o, o + 16) for o in origin)]
+        np.testing.assert_allclose(item["pixel_values"][0].numpy(), hu_to_unit(padded), atol=1e-6)
+
+
+def test_pickles_small_and_works_in_dataloader_workers(store):
+    dataset = RandomPatchDataset(store, PATCH, patches_per_volume=4, seed=2)
+    assert len(pickle.dumps(dataset)) < 100_000  # the Arrow buffers are not pickled
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4, num_workers=2)
+    batches = list(loader)
+    expected = torch.stack([dataset[i]["pixel_values"] for i in range(len(dataset))])
+    torch.testing.assert_close(torch.cat([b["pixel_values"] for b in batches]), expected)
+
+
+SHARDING_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+    from accelerate import Accelerator
+    from ctpa_vq.data.patch_dataset import RandomPatchDataset, VolumeStore
+
+    data_dir, out_dir = sys.argv[1], sys.argv[2]
+    accelerator = Accelerator(cpu=True)
+    dataset = RandomPatchDataset(VolumeStore.from_disk(data_dir), (8, 8, 8), patches_per_volume=6, seed=5)
+    loader = accelerator.prepare(torch.utils.data.DataLoader(dataset, batch_size=2, shuffle=True))
+    seen = {}
+    for epoch in (0, 1):
+        dataset.set_epoch(epoch)
+        loader.set_epoch(epoch)
+        seen[epoch] = [
+            [int(i), int(v), o.tolist()]
+            for batch in loader
+            for i, v, o in zip(batch["index"], batch["volume_index"], batch["origin"])
+        ]
+    with open(f"{out_dir}/rank{accelerator.process_index}.json", "w") as f:
+        json.dump({"world": accelerator.num_processes, "seen": seen}, f)
+    """
+)
+
+
+@pytest.mark.slow
+def test_two_process_accelerate_sharding_is_disjoint_and_covers_the_epoch(prepared, tmp_path):
+    script = tmp_path / "shard.py"
+    script.write_text(SHARDING_SCRIPT)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # `--multi_gpu` picks Accelerate's torchrun launcher; Accelerator(cpu=True) in the script then
+    # runs MULTI_CPU with gloo. (`--cpu` or a MULTI_CPU config start one process without mpirun.)
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(port), str(script), str(prepared[0]), str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world"] for r in ranks] == [2, 2]
+    reference = RandomPatchDataset(VolumeStore.from_disk(prepared[0]), (8, 8, 8), patches_per_volume=6, seed=5)
+    for epoch in ("0", "1"):
+        per_rank = [{i for i, _, _ in r["seen"][epoch]} for r in ranks]
+        assert per_rank[0] and per_rank[1]
+        assert not per_rank[0] & per_rank[1]
+        assert per_rank[0] | per_rank[1] == set(range(len(reference)))
+        reference.set_epoch(int(epoch))
+        for i, volume_index, origin in ranks[0]["seen"][epoch] + ranks[1]["seen"][epoch]:
+            assert reference.patch_origin(i) == (volume_index, tuple(origin))  # same patch in every process
