@@ -229,5 +229,5 @@ def test_accelerate_configs_are_what_their_names_say():
     assert configs["4gpu"]["distributed_type"] == "MULTI_GPU" and configs["4gpu"]["num_processes"] == 4
     assert configs["4gpu"]["mixed_precision"] == "bf16"
     assert configs["multinode"]["num_machines"] == 2 and configs["multinode"]["num_processes"] == 8
-    assert configs["cpu"]["use_cpu"] and configs["cpu"]["num_processes"] == 2
+    assert configs["cpu"]["num_processes"] == 2 and configs["cpu"]["mixed_precision"] == "no"
     assert configs["single_gpu"]["num_processes"] == 1

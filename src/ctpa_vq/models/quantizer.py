@@ -207,7 +207,7 @@ class FiniteScalarQuantizer(nn.Module):
             codes = rounded / (self._levels // 2)
             indices = self._codes_to_indices(codes.detach())
         counts = torch.bincount(indices.flatten(), minlength=self.num_codes).float()
-        if _distributed():
+        if self.training and _distributed():  # eval may run on one rank alone: no collectives there
             dist.all_reduce(counts)
         perplexity, usage = _histogram_stats(counts)
         z_q = codes.permute(0, 4, 1, 2, 3).to(in_dtype)

@@ -70,6 +70,7 @@ class TrainingConfig:
     """The loop: length, batching, checkpoints, validation, logging."""
 
     output_dir: str = "outputs/demo"
+    cpu: bool = False  # train on CPU processes even where CUDA is available (always so without CUDA)
     seed: int = 0
     max_steps: int = 400
     batch_size: int = 2

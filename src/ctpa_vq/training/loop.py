@@ -95,6 +95,7 @@ def train(config: TrainConfig, resume: str | None = None) -> TrainResult:
     """Run (or continue) training to `training.max_steps` (or `stop_at_step`)."""
     out = Path(config.training.output_dir)
     accelerator = Accelerator(
+        cpu=config.training.cpu or not torch.cuda.is_available(),
         gradient_accumulation_steps=config.training.gradient_accumulation_steps,
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "tensorboard")),
@@ -267,12 +268,15 @@ def _validate_and_export(
     """Rank 0 reconstructs the validation volumes; a new best PSNR exports `best/`."""
     if accelerator.is_main_process and len(val_volumes):
         unwrapped = accelerator.unwrap_model(model)
-        results = validate(unwrapped, val_volumes, config, Path(config.training.output_dir) / "samples", state.step)
-        unwrapped.train()
-        metrics.log(state.step, results)
-        if results["val_psnr"] > state.best_val_psnr:
-            state.best_val_psnr = results["val_psnr"]
-            export_model(unwrapped, Path(config.training.output_dir) / "best", Path(config.training.output_dir))
+        out = Path(config.training.output_dir)
+        try:  # the pipeline puts the model in eval mode; training must resume in train mode
+            results = validate(unwrapped, val_volumes, config, out / "samples", state.step)
+            metrics.log(state.step, results)
+            if results["val_psnr"] > state.best_val_psnr:
+                state.best_val_psnr = results["val_psnr"]
+                export_model(unwrapped, out / "best", out)
+        finally:
+            unwrapped.train()
     accelerator.wait_for_everyone()
     # Every process must agree on the best PSNR, which is saved with the checkpoint.
     best = torch.tensor([state.best_val_psnr], device=accelerator.device)
