@@ -64,8 +64,8 @@ class EMAVectorQuantizer(nn.Module):
         code_dim: code dimension C.
         decay: EMA decay of counts and sums.
         commitment_weight: beta of the commitment loss.
-        dead_code_threshold: a code whose EMA count falls below this is restarted from a
-            random latent vector of the batch.
+        dead_code_threshold: a code whose EMA count falls below this is restarted on one of
+            the batch's latent vectors farthest from their nearest code.
         eps: Laplace smoothing of the counts.
     """
 
@@ -108,10 +108,10 @@ class EMAVectorQuantizer(nn.Module):
                 - 2.0 * flat @ codebook.t()
                 + codebook.pow(2).sum(1)[None, :]
             )
-            flat_indices = distances.argmin(dim=1)
+            min_distances, flat_indices = distances.min(dim=1)
             counts = torch.bincount(flat_indices, minlength=self.num_codes).float()
             if self.training:
-                counts = self._update_codebook(flat, flat_indices, counts)
+                counts = self._update_codebook(flat, flat_indices, counts, min_distances)
             b, _, d, h, w = z.shape
             indices = flat_indices.view(b, d, h, w)
             z_q = self.indices_to_codes(indices).float()
@@ -131,7 +131,9 @@ class EMAVectorQuantizer(nn.Module):
         self._broadcast_from_rank0()
 
     @torch.no_grad()
-    def _update_codebook(self, flat: torch.Tensor, flat_indices: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    def _update_codebook(
+        self, flat: torch.Tensor, flat_indices: torch.Tensor, counts: torch.Tensor, min_distances: torch.Tensor
+    ) -> torch.Tensor:
         """EMA update from this step's assignments; returns the (global) code histogram."""
         sums = torch.zeros_like(self.embed_sum, dtype=torch.float32).index_add_(0, flat_indices, flat)
         if _distributed():
@@ -142,16 +144,22 @@ class EMAVectorQuantizer(nn.Module):
         total = self.cluster_size.sum()
         smoothed = (self.cluster_size + self.eps) / (total + self.num_codes * self.eps) * total
         self.embedding.copy_(self.embed_sum / smoothed[:, None])
-        self._restart_dead_codes(flat)
+        self._restart_dead_codes(flat, min_distances)
         return counts
 
     @torch.no_grad()
-    def _restart_dead_codes(self, flat: torch.Tensor) -> None:
+    def _restart_dead_codes(self, flat: torch.Tensor, min_distances: torch.Tensor) -> None:
+        """Move codes whose EMA count fell below the threshold onto the worst-represented latents.
+
+        Deterministic (no RNG): the latents farthest from their nearest code are taken, so a
+        resumed run restarts exactly the same codes with the same vectors.
+        """
         dead = self.cluster_size < self.dead_code_threshold
         num_dead = int(dead.sum())
         if num_dead == 0:
             return
-        picks = torch.randint(0, flat.shape[0], (num_dead,), device=flat.device)
+        worst = min_distances.topk(min(num_dead, flat.shape[0])).indices
+        picks = worst.repeat(num_dead // worst.numel() + 1)[:num_dead]
         self.embedding[dead] = flat[picks]
         self.embed_sum[dead] = flat[picks]
         self.cluster_size[dead] = 1.0

@@ -164,7 +164,6 @@ def train(config: TrainConfig, resume: str | None = None) -> TrainResult:
     samples_per_batch = config.training.batch_size * accelerator.num_processes
     micro_batches = state.samples_seen // samples_per_batch
     batches_per_epoch = len(loader)
-    slice_rng = torch.Generator(device="cpu").manual_seed(config.training.seed + accelerator.process_index)
     unwrapped_d = accelerator.unwrap_model(discriminators) if opt_d is not None else None
     last_step = min(config.training.max_steps, config.training.stop_at_step or config.training.max_steps)
     progress = tqdm(
@@ -188,7 +187,13 @@ def train(config: TrainConfig, resume: str | None = None) -> TrainResult:
                 loss = config.model.l1_weight * l1 + out_g.commitment_loss
                 terms = {"l1": l1, "commitment": out_g.commitment_loss}
                 if gan_on and (perceptual is not None or opt_d is not None):
-                    real_slices, fake_slices = random_slices(x, reconstruction, n=gan.slices_per_volume, generator=slice_rng)
+                    # Seeded from (seed, step, rank), so a resumed run draws the same slices.
+                    slice_rng = torch.Generator().manual_seed(
+                        hash((config.training.seed, micro_batches, accelerator.process_index)) % 2**63
+                    )
+                    real_slices, fake_slices = random_slices(
+                        x, reconstruction, n=gan.slices_per_volume, generator=slice_rng
+                    )
                     if perceptual is not None:
                         terms["perceptual"] = perceptual(fake_slices.float(), real_slices)
                         loss = loss + gan.perceptual_weight * terms["perceptual"]
