@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .atomic import atomic_path
 from .intensity import DEFAULT_HU_WINDOW
 
 _LABEL_HEIGHT = 14
@@ -84,15 +84,6 @@ def save_mid_slices(
         draw.text((column * panel_width * zoom + 2, 1), label, fill=255)
 
     path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        canvas.save(tmp_name, format="PNG")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_name, 0o666 & ~umask)  # mkstemp's 0600 -> what a plain open() would give
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    with atomic_path(path, ".png") as tmp:
+        canvas.save(tmp, format="PNG")
     return path

@@ -13,7 +13,6 @@ anything else is ``float32``.
 from __future__ import annotations
 
 import os
-import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 from nibabel import orientations
+
+from ..atomic import atomic_path
 
 _INT16 = np.iinfo(np.int16)
 _RAS = orientations.axcodes2ornt(("R", "A", "S"))
@@ -141,14 +142,8 @@ def save_ct_like(hu: np.ndarray, reference: CTVolume, path: str | os.PathLike) -
     image = image_class(data, reference.source_affine, header=header)
 
     suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix or ".nii"
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
-    os.close(fd)
-    try:
-        nib.save(image, tmp_name)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    with atomic_path(path, suffix) as tmp:
+        nib.save(image, tmp)
     return path
 
 
