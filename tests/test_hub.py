@@ -137,9 +137,6 @@ def test_push_then_from_pretrained_returns_same_weights(hub, model_dir, pipeline
     assert 'subfolder="vqgan"' in pipeline_card.text and "val_clipped_fraction = 1.000%" in pipeline_card.text
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "diffusers reads the component library 'ctpa_vq.models.vqgan' in model_index.json as Hub remote code "
-    "and refuses it; CTPAReconstructionPipeline.from_pretrained must snapshot_download a repo id first"))
 def test_pushed_pipeline_loads_with_the_pipeline_class(hub, pipeline_dir, tmp_path):
     push_to_hub(pipeline_dir, "lab/pipeline-class", endpoint=hub, token=TOKEN)
     load = textwrap.dedent("""

@@ -72,6 +72,25 @@ class CTPAReconstructionPipeline(DiffusionPipeline):
         self.register_modules(vqgan=vqgan)
         vqgan.eval()
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "CTPAReconstructionPipeline":
+        """Load from a local folder or a Hub repo id.
+
+        diffusers reads our component library (`ctpa_vq...`) in a Hub repo's `model_index.json`
+        as remote code and refuses it, so a repo id is first fetched with `snapshot_download`
+        (JSON and safetensors files only) and then loaded as a local folder.
+        """
+        if not Path(pretrained_model_name_or_path).is_dir():
+            from huggingface_hub import snapshot_download
+
+            hub_args = ("revision", "token", "cache_dir", "local_files_only")
+            pretrained_model_name_or_path = snapshot_download(
+                str(pretrained_model_name_or_path),
+                allow_patterns=["*.json", "*.safetensors"],
+                **{k: kwargs.pop(k) for k in hub_args if k in kwargs},
+            )
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
     @property
     def window(self) -> tuple[float, float]:
         low, high = self.vqgan.config.hu_window
