@@ -10,6 +10,7 @@ With no --config the embedded demo runs: synthetic phantoms, tiny model, CPU, a 
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 from accelerate import PartialState
@@ -25,6 +26,8 @@ def main() -> None:
     parser.add_argument("--resume", default=None, help="'latest' or a checkpoint directory")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.lr=1e-4")
     args = parser.parse_args()
+    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", level=logging.WARNING)
+    logging.getLogger("ctpa_vq").setLevel(logging.INFO)
     result = train(load_config(args.config, args.overrides), resume=args.resume)
     if result.final_dir is not None and PartialState().is_main_process:
         print(f"step {result.step}: final model and pipeline in {result.final_dir}")

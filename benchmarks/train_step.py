@@ -91,9 +91,12 @@ def main() -> None:
         import os
 
         os.environ["ACCELERATE_MIXED_PRECISION"] = "bf16"
+    # Bare steps before and after the loop, averaged: the machine's drift hits both sides alike.
+    bare_before, _ = bare_step_time(args.preset, args.patch, args.batch_size, args.steps, device, bf16)
     with tempfile.TemporaryDirectory() as tmp:
         loop = loop_step_time(args.preset, args.patch, args.batch_size, args.steps, Path(tmp) / "run")
-    bare, peak = bare_step_time(args.preset, args.patch, args.batch_size, args.steps, device, bf16)
+    bare_after, peak = bare_step_time(args.preset, args.patch, args.batch_size, args.steps, device, bf16)
+    bare = (bare_before + bare_after) / 2
     print(f"device={device} preset={args.preset} patch={'x'.join(map(str, args.patch))} batch={args.batch_size} "
           f"precision={args.mixed_precision} threads={torch.get_num_threads()}")  # fmt: skip
     print(f"loop:  {1 / loop:.3f} steps/s ({loop * 1000:.0f} ms/step)")

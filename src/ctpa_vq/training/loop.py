@@ -170,8 +170,8 @@ def train(config: TrainConfig, resume: str | None = None) -> TrainResult:
         total=last_step, initial=state.step, desc="training", disable=not accelerator.is_main_process, dynamic_ncols=True
     )
     model.train()
-    running: dict[str, float] = {}
-    window_start, window_samples = time.perf_counter(), 0
+    running: dict[str, torch.Tensor] = {}  # summed on the device: no host sync per step
+    window_start, window_samples, window_batches = time.perf_counter(), 0, 0
     while state.step < last_step:
         epoch, skip = divmod(micro_batches, batches_per_epoch)
         loader.set_epoch(epoch)
@@ -221,10 +221,10 @@ def train(config: TrainConfig, resume: str | None = None) -> TrainResult:
             micro_batches += 1
             state.samples_seen += samples_per_batch
             window_samples += samples_per_batch
+            window_batches += 1
             for name, value in {**terms, "loss": loss, "perplexity": out_g.perplexity,
                                 "codebook_usage": out_g.codebook_usage}.items():  # fmt: skip
-                running[name] = running.get(name, 0.0) + float(value.detach())
-            running["_count"] = running.get("_count", 0) + 1
+                running[name] = running.get(name, 0) + value.detach().float()
             if not accelerator.sync_gradients:
                 continue
 
@@ -234,14 +234,15 @@ def train(config: TrainConfig, resume: str | None = None) -> TrainResult:
             state.step += 1
             progress.update(1)
             if state.step % config.training.log_every == 0 or state.step == last_step:
-                count = running.pop("_count")
-                row = {k: v / count for k, v in running.items()}
+                names = sorted(running)  # the same terms on every process: one all-reduce for the row
+                means = accelerator.reduce(torch.stack([running[n] for n in names]) / window_batches, "mean")
+                row = dict(zip(names, means.tolist()))
                 elapsed = time.perf_counter() - window_start
                 row.update(epoch=epoch, lr=sched_g.get_last_lr()[0], patches_per_s=window_samples / elapsed)
                 metrics.log(state.step, row)
                 progress.set_postfix(loss=f"{row['loss']:.4f}", l1=f"{row['l1']:.4f}")
                 running.clear()
-                window_start, window_samples = time.perf_counter(), 0
+                window_start, window_samples, window_batches = time.perf_counter(), 0, 0
             if state.step % config.training.validate_every == 0 or state.step == last_step:
                 _validate_and_export(accelerator, model, val_volumes, config, state, metrics)
             if state.step % config.training.checkpoint_every == 0 or state.step == last_step:
