@@ -92,7 +92,8 @@ def test_two_process_launch_keeps_replicas_identical(tmp_path):
     _assert_same_state(*replicas)
     assert bool(replicas[0]["quantizer.initialized"])
     assert _metric_steps(out) == [1, 2, 3, 4, 5, 6]  # one writer: each step once
-    assert len(list(tmp_path.rglob("metrics.csv"))) == 2  # the run's, and the copy exported with final/
+    # The run's own file, plus the copies exported with best/ and final/: nothing per rank.
+    assert set(tmp_path.rglob("metrics.csv")) == {out / "metrics.csv", out / "best" / "metrics.csv", out / "final" / "metrics.csv"}
     checkpoint = out / "checkpoints" / "step-00000006"
     for name in ("model.safetensors", "model_1.safetensors", "random_states_0.pkl", "random_states_1.pkl"):
         assert (checkpoint / name).is_file(), name

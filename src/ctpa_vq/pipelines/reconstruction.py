@@ -122,10 +122,9 @@ class CTPAReconstructionPipeline(DiffusionPipeline):
 
     def _to_unit(self, hu: np.ndarray | torch.Tensor) -> torch.Tensor:
         """HU `(D, H, W)` -> float32 `(1, D, H, W)` CPU tensor in [-1, 1], slab by slab."""
-        hu = torch.as_tensor(np.ascontiguousarray(hu) if isinstance(hu, np.ndarray) else hu).cpu()
         unit = torch.empty((1, *hu.shape), dtype=torch.float32)
-        for start in range(0, hu.shape[0], _SLAB):
-            unit[0, start : start + _SLAB] = hu_to_unit(hu[start : start + _SLAB], self.window)
+        for start in range(0, hu.shape[0], _SLAB):  # numpy stays numpy: read-only memmaps are fine
+            unit[0, start : start + _SLAB] = torch.as_tensor(hu_to_unit(hu[start : start + _SLAB], self.window))
         return unit
 
     def _to_hu(self, unit: torch.Tensor) -> torch.Tensor:
