@@ -1,4 +1,4 @@
-"""The ``ctpa-vq`` command: prepare / reconstruct / evaluate / push / verify / latent-stats.
+"""The `ctpa-vq` command: prepare / reconstruct / verify / push / latent-stats.
 
 Each sub-command is a thin shell over a library function; errors the user can fix are
 printed as one line naming the file and the problem, with a non-zero exit code.
@@ -62,23 +62,6 @@ def _run_verify(args: argparse.Namespace) -> int:
     failed = [c for c in checks if c.status == FAIL]
     print(f"{len(checks) - len(failed)} of {len(checks)} checks passed without failure")
     return 1 if failed else 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ctpa-vq", description=__doc__.splitlines()[0])
-    subparsers = parser.add_subparsers(dest="command", required=True)
-    # Each sub-command is one `_add_<name>(subparsers)` function below, called here.
-    # [cli: prepare]
-    _add_prepare(subparsers)
-    # [cli: reconstruct]
-    _add_reconstruct(subparsers)
-    # [cli: push]
-    _add_push(subparsers)
-    # [cli: latent-stats]
-    _add_latent_stats(subparsers)
-    # [cli: verify]
-    _add_verify(subparsers)
-    return parser
 
 
 def _add_push(subparsers) -> None:
@@ -207,6 +190,17 @@ def _run_reconstruct(args: argparse.Namespace) -> int:
         save_mid_slices(args.slices, ct.hu, reconstruction, pipeline.window, spacing=ct.spacing)
         print(f"{args.slices}: mid-slices input | reconstruction | |error|")
     return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ctpa-vq", description=__doc__.splitlines()[0])
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    _add_prepare(subparsers)
+    _add_reconstruct(subparsers)
+    _add_push(subparsers)
+    _add_latent_stats(subparsers)
+    _add_verify(subparsers)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
