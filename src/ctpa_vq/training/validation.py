@@ -41,7 +41,7 @@ def validate(model: VQGAN3D, volumes: VolumeStore, config: TrainConfig, sample_d
             batch_size=config.training.val_batch_size,
             return_latents=True,
         )
-        scores = reconstruction_metrics(result.reconstruction, hu, window)
+        scores = reconstruction_metrics(result.reconstruction, hu, window, device=model.device)  # SSIM tiles on the GPU
         psnr.append(scores.psnr)
         ssim.append(scores.ssim)
         clipped.append(sum(clipped_fraction(hu, window)))
