@@ -1,4 +1,4 @@
-"""The `ctpa-vq` command: prepare / reconstruct / verify / push / latent-stats.
+"""The `ctpa-vq` command: prepare / reconstruct / evaluate / verify / push / latent-stats.
 
 Each sub-command is a thin shell over a library function; errors the user can fix are
 printed as one line naming the file and the problem, with a non-zero exit code.
@@ -135,16 +135,32 @@ def _add_reconstruct(subparsers) -> None:
     reconstruct.add_argument("--model", required=True, help="model or pipeline folder, or a Hub repo id")
     reconstruct.add_argument("--input", required=True, help="input .nii / .nii.gz (read only)")
     reconstruct.add_argument("--output", required=True, help="output .nii / .nii.gz (written atomically)")
-    reconstruct.add_argument("--patch", type=int, nargs=3, metavar=("D", "H", "W"), default=(128, 256, 256),
-                             help="patch size in voxels (default 128 256 256)")
-    reconstruct.add_argument("--overlap", type=_overlap, default=0.25,
-                             help="patch overlap: a fraction in [0, 1) or a voxel count >= 1 (default 0.25)")
-    reconstruct.add_argument("--blend", choices=("gaussian", "linear", "constant"), default="gaussian")
-    reconstruct.add_argument("--batch-size", type=int, default=1, help="patches per model call")
-    reconstruct.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    _add_grid_options(reconstruct)
     reconstruct.add_argument("--slices", default=None, help="also write a PNG of mid-slices input | output | error")
-    reconstruct.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     reconstruct.set_defaults(handler=_run_reconstruct)
+
+
+def _add_grid_options(parser: argparse.ArgumentParser) -> None:
+    """Patch grid, device and progress options shared by `reconstruct` and `evaluate`."""
+    parser.add_argument("--patch", type=int, nargs=3, metavar=("D", "H", "W"), default=(128, 256, 256),
+                        help="patch size in voxels (default 128 256 256)")
+    parser.add_argument("--overlap", type=_overlap, default=0.25,
+                        help="patch overlap: a fraction in [0, 1) or a voxel count >= 1 (default 0.25)")
+    parser.add_argument("--blend", choices=("gaussian", "linear", "constant"), default="gaussian")
+    parser.add_argument("--batch-size", type=int, default=1, help="patches per model call")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
+
+def _load_pipeline(args: argparse.Namespace):
+    import torch
+
+    from .pipelines import load_reconstruction_pipeline
+
+    pipeline = load_reconstruction_pipeline(args.model)
+    pipeline.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    pipeline.set_progress_bar_config(disable=args.no_progress)
+    return pipeline
 
 
 def _overlap(text: str) -> float | int:
@@ -160,11 +176,9 @@ def _run_reconstruct(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     import numpy as np
-    import torch
 
     from .data.nifti import load_ct, save_ct_like
     from .metrics import reconstruction_metrics
-    from .pipelines import load_reconstruction_pipeline
     from .visualize import save_mid_slices
 
     output = Path(args.output)
@@ -175,15 +189,13 @@ def _run_reconstruct(args: argparse.Namespace) -> int:
     if output.resolve() == Path(args.input).resolve():
         raise ValueError(f"{output}: refusing to overwrite the input")
     ct = load_ct(args.input)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipeline = load_reconstruction_pipeline(args.model).to(device)
-    pipeline.set_progress_bar_config(disable=args.no_progress)
+    pipeline = _load_pipeline(args)
     reconstruction = pipeline(
         ct.hu, patch_size=args.patch, overlap=args.overlap, blend=args.blend, batch_size=args.batch_size
     ).reconstruction
     if ct.hu.dtype.kind in "iu":  # integral input: write integral HU, like the input
         reconstruction = np.rint(reconstruction).astype(ct.hu.dtype)
-    metrics = reconstruction_metrics(reconstruction, ct.hu, pipeline.window, device=device)
+    metrics = reconstruction_metrics(reconstruction, ct.hu, pipeline.window, device=pipeline.vqgan.device)
     save_ct_like(reconstruction, ct, output)
     print(f"{output}: {metrics}")
     if args.slices:
@@ -192,11 +204,45 @@ def _run_reconstruct(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_evaluate(subparsers) -> None:
+    evaluate = subparsers.add_parser(
+        "evaluate",
+        help="reconstruct every volume of a NIfTI folder or a prepared dataset split; PSNR/SSIM per volume",
+    )
+    evaluate.add_argument("--model", required=True, help="model or pipeline folder, or a Hub repo id")
+    evaluate.add_argument("--input", required=True, help="a .nii/.nii.gz file, a folder of them, or a `prepare` output")
+    evaluate.add_argument("--split", default="validation", help="split of a prepared dataset (default validation)")
+    _add_grid_options(evaluate)
+    evaluate.add_argument("--csv", default=None, help="also write the per-volume scores to this CSV")
+    evaluate.set_defaults(handler=_run_evaluate)
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .evaluation import iter_volumes, score_volume, write_scores_csv
+
+    pipeline = _load_pipeline(args)
+    grid = dict(patch_size=args.patch, overlap=args.overlap, blend=args.blend, batch_size=args.batch_size)
+    scores = []
+    for name, hu in iter_volumes(args.input, args.split):
+        score, _ = score_volume(pipeline, hu, name, **grid)
+        scores.append(score)
+        print(f"{name}: PSNR {score.psnr:.2f} dB, SSIM {score.ssim:.4f}, clipped {100 * score.clipped_fraction:.3f}%")
+    psnr, ssim = np.mean([s.psnr for s in scores]), np.mean([s.ssim for s in scores])
+    low, high = pipeline.window
+    print(f"mean over {len(scores)} volumes: PSNR {psnr:.2f} dB, SSIM {ssim:.4f} (HU window {low:g}..{high:g})")
+    if args.csv:
+        write_scores_csv(scores, args.csv)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ctpa-vq", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_prepare(subparsers)
     _add_reconstruct(subparsers)
+    _add_evaluate(subparsers)
     _add_push(subparsers)
     _add_latent_stats(subparsers)
     _add_verify(subparsers)

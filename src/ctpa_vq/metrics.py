@@ -19,6 +19,7 @@ PSNR accumulates squared errors slab by slab in torchmetrics' ``PeakSignalNoiseR
 from __future__ import annotations
 
 import itertools
+import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -49,8 +50,13 @@ class ReconstructionMetrics:
 
 
 def _as_5d(volume: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """``(D, H, W)`` or ``(B, C, D, H, W)`` -> float32 ``(B, C, D, H, W)`` tensor (no copy when possible)."""
-    tensor = torch.as_tensor(volume)
+    """``(D, H, W)`` or ``(B, C, D, H, W)`` -> ``(B, C, D, H, W)`` tensor, sharing memory (no copy).
+
+    Read-only inputs (memory-mapped validation volumes) are fine: the metrics only read them.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        tensor = torch.as_tensor(volume)
     if tensor.ndim == 3:
         tensor = tensor[None, None]
     if tensor.ndim != 5:

@@ -9,8 +9,7 @@ import numpy as np
 import torch
 
 from ..data.patch_dataset import VolumeStore
-from ..intensity import clipped_fraction
-from ..metrics import reconstruction_metrics
+from ..evaluation import score_volume
 from ..models import VQGAN3D
 from ..pipelines import CTPAReconstructionPipeline
 from ..visualize import save_mid_slices
@@ -24,39 +23,35 @@ def validate(model: VQGAN3D, volumes: VolumeStore, config: TrainConfig, sample_d
     Writes mid-slices (input | reconstruction | error) of the first volume to
     `sample_dir/step-XXXXXXXX.png`.
     """
-    model.eval()
-    pipeline = CTPAReconstructionPipeline(vqgan=model)
+    pipeline = CTPAReconstructionPipeline(vqgan=model)  # puts the model in eval mode
     pipeline.set_progress_bar_config(disable=True)
-    window = tuple(model.config.hu_window)
     limit = config.training.val_max_volumes or len(volumes)
-    psnr, ssim, clipped = [], [], []
+    scores = []
     counts = torch.zeros(model.quantizer.num_codes, dtype=torch.float64)
     for index in range(min(limit, len(volumes))):
         hu = volumes.volume(index)
-        result = pipeline(
+        score, result = score_volume(
+            pipeline,
             hu,
+            volumes.patient_ids[index],
             patch_size=config.training.val_patch_size or config.dataset.patch_size,
             overlap=config.training.val_overlap,
             blend=config.training.val_blend,
             batch_size=config.training.val_batch_size,
-            return_latents=True,
         )
-        scores = reconstruction_metrics(result.reconstruction, hu, window, device=model.device)  # SSIM tiles on the GPU
-        psnr.append(scores.psnr)
-        ssim.append(scores.ssim)
-        clipped.append(sum(clipped_fraction(hu, window)))
+        scores.append(score)
         counts += torch.bincount(result.indices.flatten().cpu(), minlength=counts.numel()).double()
         if index == 0:
             sample_dir.mkdir(parents=True, exist_ok=True)
-            save_mid_slices(sample_dir / f"step-{step:08d}.png", hu, result.reconstruction, window)
+            save_mid_slices(sample_dir / f"step-{step:08d}.png", hu, result.reconstruction, pipeline.window)
     probs = counts / counts.sum()
     perplexity = float(torch.exp(-(probs[probs > 0] * probs[probs > 0].log()).sum()))
     return {
-        "val_psnr": float(np.mean(psnr)),
-        "val_ssim": float(np.mean(ssim)),
+        "val_psnr": float(np.mean([s.psnr for s in scores])),
+        "val_ssim": float(np.mean([s.ssim for s in scores])),
         "val_perplexity": perplexity,
         "val_codebook_usage": float((counts > 0).double().mean()),
-        "val_clipped_fraction": float(np.mean(clipped)),
+        "val_clipped_fraction": float(np.mean([s.clipped_fraction for s in scores])),
     }
 
 
