@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from ..intensity import DEFAULT_HU_WINDOW
+from ..intensity import DEFAULT_HU_WINDOW, hu_to_unit
 from ..patching import PatchGrid
 
 Shape3 = tuple[int, int, int]
@@ -92,20 +92,8 @@ class VolumeStore:
 
 
 def hu_patch_to_unit(hu: np.ndarray, window: Sequence[float] = DEFAULT_HU_WINDOW) -> torch.Tensor:
-    """A (possibly strided, read-only) int16 HU patch -> contiguous float32 tensor in [-1, 1].
-
-    Same mapping as :func:`ctpa_vq.intensity.hu_to_unit` (to float32 rounding): the affine map
-    is applied while converting (one pass reading int16, writing float32), then clipped to
-    [-1, 1] in place; clipping after the affine map equals clipping HU to the window first.
-    About 1.35x faster than convert-clip-scale-shift, 4x faster than the out-of-place version.
-    """
-    low, high = float(window[0]), float(window[1])
-    scale = np.float32(2.0 / (high - low))
-    unit = np.empty(hu.shape, dtype=np.float32)
-    np.multiply(hu, scale, out=unit, casting="unsafe")
-    unit += np.float32(-low * scale - 1.0)
-    np.clip(unit, -1.0, 1.0, out=unit)
-    return torch.from_numpy(unit)
+    """A (possibly strided, read-only) int16 HU patch -> contiguous float32 tensor in [-1, 1]."""
+    return torch.from_numpy(hu_to_unit(hu, window))
 
 
 class RandomPatchDataset(torch.utils.data.Dataset):
