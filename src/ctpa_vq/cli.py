@@ -132,16 +132,16 @@ def _add_reconstruct(subparsers) -> None:
         description="The output keeps the input's affine, orientation and header. PSNR and SSIM are in HU over "
         "the model's window.",
     )
-    reconstruct.add_argument("--model", required=True, help="model or pipeline folder, or a Hub repo id")
     reconstruct.add_argument("--input", required=True, help="input .nii / .nii.gz (read only)")
     reconstruct.add_argument("--output", required=True, help="output .nii / .nii.gz (written atomically)")
-    _add_grid_options(reconstruct)
+    _add_inference_options(reconstruct)
     reconstruct.add_argument("--slices", default=None, help="also write a PNG of mid-slices input | output | error")
     reconstruct.set_defaults(handler=_run_reconstruct)
 
 
-def _add_grid_options(parser: argparse.ArgumentParser) -> None:
-    """Patch grid, device and progress options shared by `reconstruct` and `evaluate`."""
+def _add_inference_options(parser: argparse.ArgumentParser) -> None:
+    """Model, patch grid, device and progress options shared by `reconstruct` and `evaluate`."""
+    parser.add_argument("--model", required=True, help="model or pipeline folder, or a Hub repo id")
     parser.add_argument("--patch", type=int, nargs=3, metavar=("D", "H", "W"), default=(128, 256, 256),
                         help="patch size in voxels (default 128 256 256)")
     parser.add_argument("--overlap", type=_overlap, default=0.25,
@@ -209,10 +209,9 @@ def _add_evaluate(subparsers) -> None:
         "evaluate",
         help="reconstruct every volume of a NIfTI folder or a prepared dataset split; PSNR/SSIM per volume",
     )
-    evaluate.add_argument("--model", required=True, help="model or pipeline folder, or a Hub repo id")
     evaluate.add_argument("--input", required=True, help="a .nii/.nii.gz file, a folder of them, or a `prepare` output")
     evaluate.add_argument("--split", default="validation", help="split of a prepared dataset (default validation)")
-    _add_grid_options(evaluate)
+    _add_inference_options(evaluate)
     evaluate.add_argument("--csv", default=None, help="also write the per-volume scores to this CSV")
     evaluate.set_defaults(handler=_run_evaluate)
 
