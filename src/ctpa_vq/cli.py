@@ -190,7 +190,8 @@ def _load_pipeline(args: argparse.Namespace):
 
     device = _device(args.device)
     model = Path(args.model)
-    if model.is_dir() and not any(model.rglob("*.safetensors")):
+    has_config = model.is_dir() and any((model / name).is_file() for name in ("config.json", "model_index.json"))
+    if has_config and not any(model.rglob("*.safetensors")):
         raise FileNotFoundError(f"{model}: no weights in this model folder (no .safetensors file; ctpa-vq saves and "
                                 "loads safetensors only): was save_pretrained interrupted, or is it the wrong folder?")
     try:
