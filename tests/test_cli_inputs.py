@@ -134,3 +134,20 @@ def test_evaluate_scores_dicom_and_nrrd_and_prints_pseudonyms(model_dir, tmp_pat
     assert [r["name"] for r in rows] == [key.pseudonym(str(inputs / "Doe_Janet")),
                                          key.pseudonym(str(inputs / "Roe_Richard.nrrd"))]
     assert "Doe" not in printed and "Roe" not in printed and "Doe" not in out_csv.read_text()
+
+
+def test_latent_stats_reads_a_dicom_series_folder_and_an_nrrd(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = tmp_path / "model"
+    VQGAN3D.from_preset("tiny").save_pretrained(model)
+    write_series(tmp_path / "series", make_phantom((8, 16, 16), seed=11))
+    nrrd = _nrrd(tmp_path / "ct.nrrd", make_phantom((8, 16, 16), seed=12))
+    assert main(["latent-stats", "--model", str(model), "--input", str(tmp_path / "series"), str(nrrd),
+                 "--patch", "8", "16", "16", "--no-progress"]) == 0
+    assert "channel 0" in capsys.readouterr().out
+
+    pipeline = load_reconstruction_pipeline(model)
+    latents = torch.cat([pipeline.encode_volume(load_volume(p).hu, patch_size=(8, 16, 16))
+                         for p in (tmp_path / "series", nrrd)], dim=2)
+    scaled = pipeline.vqgan.scale_latents(latents).transpose(0, 1).reshape(latents.shape[1], -1)
+    torch.testing.assert_close(scaled.mean(dim=1), torch.zeros(latents.shape[1]), atol=1e-4, rtol=0)

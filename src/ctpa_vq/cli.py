@@ -127,7 +127,8 @@ def _add_latent_stats(subparsers) -> None:
         help="measure per-channel latent mean/std on volumes and store them in the model's config",
     )
     stats.add_argument("--model", required=True, help="save_pretrained folder (VQGAN3D, or pipeline)")
-    stats.add_argument("--input", required=True, nargs="+", help="NIfTI files, or folders of *.nii / *.nii.gz")
+    stats.add_argument("--input", required=True, nargs="+",
+                       help="volume files (NIfTI, NRRD, MetaImage), DICOM series folders, or folders of them")
     stats.add_argument("--patch", type=int, nargs=3, metavar=("D", "H", "W"), default=None,
                        help="patch size for patch-wise encoding (default: the pipeline's)")
     stats.add_argument("--overlap", type=float, default=None, help="patch overlap fraction (default: the pipeline's)")
