@@ -119,10 +119,10 @@ def _slice_dataset(stored, position, row, column, pixel_spacing, slope, intercep
     return ds
 
 
-def make_undecodable(path: Path) -> None:
-    """Rewrite a slice as JPEG 2000 with a bogus codestream: a compressed syntax nothing can decode."""
+def make_undecodable(path: Path, syntax=JPEG2000Lossless) -> None:
+    """Rewrite a slice in a compressed ``syntax`` with a bogus codestream: no decoder can read it."""
     ds = pydicom.dcmread(path)
-    ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
+    ds.file_meta.TransferSyntaxUID = syntax
     ds.PixelData = encapsulate([b"\xff\x4f\xff\x51" + b"\x00" * 60])
     ds["PixelData"].VR = "OB"
     ds.save_as(path, enforce_file_format=True)

@@ -258,6 +258,8 @@ def _check_grid(name: str, files: list[Path], geometry: list[_SliceGeometry]) ->
 
 def _pixels(pydicom, path: Path) -> np.ndarray:
     """The stored values of one slice; a clear error when its transfer syntax cannot be decoded."""
+    import pydicom.pixels
+
     try:
         dataset = pydicom.dcmread(path)
     except Exception as err:
@@ -266,11 +268,19 @@ def _pixels(pydicom, path: Path) -> np.ndarray:
     try:
         return dataset.pixel_array
     except Exception as err:
-        if syntax is not None and syntax.is_compressed:
-            raise CTFileError(path, f"pixel data in the compressed transfer syntax '{syntax.name}' ({syntax}) cannot "
-                                    "be decoded here; install a decoder (pip install pylibjpeg pylibjpeg-libjpeg "
-                                    "pylibjpeg-openjpeg) or decompress the series (gdcmconv --raw)") from err
-        raise CTFileError(path, f"pixel data cannot be read ({err})") from err
+        if syntax is None or not syntax.is_compressed:
+            raise CTFileError(path, f"pixel data cannot be read ({err})") from err
+        what = f"pixel data in the compressed transfer syntax '{syntax.name}' ({syntax}) cannot be decoded"
+        try:
+            decoder = pydicom.pixels.get_decoder(syntax)
+        except NotImplementedError:
+            decoder = None
+        if decoder is None or not decoder.is_available:
+            options = "; ".join(decoder.missing_dependencies) if decoder is not None else "none known to pydicom"
+            raise CTFileError(path, f"{what}: no decoder for it is installed (install one of: {options}), or "
+                                    "decompress the series first (gdcmconv --raw)") from err
+        detail = str(err).strip().splitlines()[-1].strip()
+        raise CTFileError(path, f"{what}: the installed decoders failed ({detail}): damaged pixel data?") from err
 
 
 def _fmt(values: np.ndarray) -> str:
