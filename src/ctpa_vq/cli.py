@@ -14,7 +14,8 @@ import sys
 def _add_prepare(subparsers) -> None:
     prepare = subparsers.add_parser(
         "prepare",
-        help="CT volumes (NIfTI, NRRD, MetaImage, DICOM series) -> a train/validation dataset (datasets.load_from_disk)",
+        help="CT volumes (NIfTI, NRRD, MetaImage, DICOM series) -> a train/validation dataset "
+        "(datasets.load_from_disk)",
         description="Scans --input recursively for .nii/.nii.gz, .nrrd/.nhdr, .mha/.mhd files and DICOM series "
         "folders, reorients to canonical RAS, keeps int16 HU, spacing, affine and a pseudonymised patient id, "
         "splits by patient. Unreadable volumes are skipped and listed.",
@@ -51,10 +52,11 @@ def _run_prepare(args: argparse.Namespace) -> int:
     from .data.prepare import prepare_dataset
     from .privacy import PseudonymKey
 
+    key = None if args.keep_identifiers else PseudonymKey.load(args.key_file)
     report = prepare_dataset(
         args.input, args.output, val_fraction=args.val_fraction, max_patients=args.max_patients, seed=args.seed,
         overwrite=args.overwrite, progress=not args.no_progress, target_spacing=args.spacing,
-        keep_identifiers=args.keep_identifiers, key=None if args.keep_identifiers else PseudonymKey.load(args.key_file),
+        keep_identifiers=args.keep_identifiers, key=key,
     )
     print(report.summary())
     return 0

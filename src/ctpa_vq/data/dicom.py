@@ -173,7 +173,8 @@ def load_dicom_series(series: DicomSeries) -> CTVolume:
         path, g = series.files[index], geometry[index]
         pixels = _pixels(pydicom, path)
         if pixels.shape != (rows, columns):
-            raise CTFileError(path, f"pixel data has shape {pixels.shape}, expected (Rows, Columns) = {(rows, columns)}")
+            raise CTFileError(path, f"pixel data has shape {pixels.shape}, expected (Rows, Columns) = "
+                                    f"{(rows, columns)}")
         if integral:
             data[:, :, k] = (pixels.astype(np.int32) * int(g.slope) + int(g.intercept)).T
         else:
