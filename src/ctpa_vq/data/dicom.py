@@ -154,7 +154,7 @@ def load_dicom_series(series: DicomSeries) -> CTVolume:
         except Exception as err:
             raise CTFileError(path, f"not a readable DICOM file ({err})") from err
     geometry = [_slice_geometry(path, header) for path, header in zip(series.files, headers)]
-    order, step = _check_grid(name, series.files, geometry)
+    order = _check_grid(name, series.files, geometry)
 
     first, last = geometry[order[0]], geometry[order[-1]]
     row_cosines, column_cosines = first.orientation[:3], first.orientation[3:]
@@ -168,7 +168,8 @@ def load_dicom_series(series: DicomSeries) -> CTVolume:
 
     rows, columns = first.size
     integral = all(float(g.slope).is_integer() and float(g.intercept).is_integer() for g in geometry)
-    data = np.empty((columns, rows, len(order)), dtype=np.int32 if integral else np.float32)
+    # Fortran order: each slice (i, j) is one contiguous block, filled in one copy.
+    data = np.empty((columns, rows, len(order)), dtype=np.int32 if integral else np.float32, order="F")
     for k, index in enumerate(order):
         path, g = series.files[index], geometry[index]
         pixels = _pixels(pydicom, path)
@@ -221,8 +222,8 @@ def _slice_geometry(path: Path, header) -> _SliceGeometry:
     )
 
 
-def _check_grid(name: str, files: list[Path], geometry: list[_SliceGeometry]) -> tuple[list[int], float]:
-    """The slice order along the normal and the slice step; errors for anything but a regular grid."""
+def _check_grid(name: str, files: list[Path], geometry: list[_SliceGeometry]) -> list[int]:
+    """The slice order along the normal; errors for anything but a regular grid."""
     reference = geometry[0]
     for path, g in zip(files, geometry):
         if np.abs(g.orientation - reference.orientation).max() > _ORIENTATION_TOLERANCE:
@@ -254,7 +255,7 @@ def _check_grid(name: str, files: list[Path], geometry: list[_SliceGeometry]) ->
     if sideways > _SHEAR_TOLERANCE:
         raise CTFileError(name, f"gantry tilt: slice positions drift {sideways:.3f} mm sideways per mm along the "
                                 "slice normal, so the slices do not form a rectangular grid")
-    return order, step
+    return order
 
 
 def _pixels(pydicom, path: Path) -> np.ndarray:
