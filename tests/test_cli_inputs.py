@@ -131,8 +131,7 @@ def test_evaluate_scores_dicom_and_nrrd_and_prints_pseudonyms(model_dir, tmp_pat
     printed = capsys.readouterr().out
     rows = list(csv.DictReader(out_csv.open()))
     key = PseudonymKey.load()
-    assert [r["name"] for r in rows] == [key.pseudonym(str(inputs / "Doe_Janet")),
-                                         key.pseudonym(str(inputs / "Roe_Richard.nrrd"))]
+    assert [r["name"] for r in rows] == [key.pseudonym("Doe_Janet"), key.pseudonym("Roe_Richard.nrrd")]
     assert "Doe" not in printed and "Roe" not in printed and "Doe" not in out_csv.read_text()
 
 

@@ -61,8 +61,8 @@ def iter_volumes(
     Volumes are read only when their reader is called, so a caller can report a bad one and go
     on; the reader raises :class:`~ctpa_vq.data.nifti.CTFileError` naming the file (its subclass
     :class:`~ctpa_vq.data.dicom.SkippedSeries` for a localizer, secondary capture, ...). ``name``
-    maps a file's path to the name given (e.g. a pseudonym); a prepared split's names are its
-    stored patient ids.
+    maps a volume's path relative to ``path`` (a file's own name) to the name given, e.g. the
+    pseudonym `prepare` stores as its ``source``; a prepared split's names are its stored patient ids.
     """
     path = Path(path)
     if not path.exists():
@@ -73,13 +73,13 @@ def iter_volumes(
             yield store.patient_ids[index], partial(store.volume, index)
         return
     if path.is_file():
-        yield name(str(path)), lambda: load_volume(path).hu
+        yield name(path.name), lambda: load_volume(path).hu
         return
     sources = find_volumes(path)
     if not sources:
         raise ValueError(f"{path}: no volumes ({INPUT_KINDS}) and not a prepared dataset")
     for source in sources:
-        yield name(source.name), lambda source=source: source.load().hu
+        yield name(os.path.relpath(source.name, path)), lambda source=source: source.load().hu
 
 
 def write_scores_csv(scores: Sequence[VolumeScore], path: str | os.PathLike) -> None:
