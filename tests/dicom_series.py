@@ -65,6 +65,7 @@ def write_series(
     steps = np.full(n - 1, 2.5) if steps is None else np.asarray(steps, dtype=float)
     offsets = np.concatenate([[0.0], np.cumsum(steps)])
     series_uid = series_uid or generate_uid()
+    study_uid = generate_uid()
     names = np.random.default_rng(0).permutation(n) if shuffle else np.arange(n)
     files = []
     for s in range(n):
@@ -72,7 +73,7 @@ def write_series(
         assert stored.min() >= 0 and stored.max() < 65536
         position = np.asarray(origin) + offsets[s] * normal
         ds = _slice_dataset(stored.astype(np.uint16), position, row, column, pixel_spacing, slope, intercept,
-                            image_type, sop_class, modality, series_uid, series_number, s + 1)
+                            image_type, sop_class, modality, study_uid, series_uid, series_number, s + 1)
         if gantry_tilt is not None:
             ds.GantryDetectorTilt = gantry_tilt
         path = folder / f"{file_prefix}{names[s]:03d}.dcm"
@@ -82,7 +83,7 @@ def write_series(
 
 
 def _slice_dataset(stored, position, row, column, pixel_spacing, slope, intercept, image_type, sop_class,
-                   modality, series_uid, series_number, instance):
+                   modality, study_uid, series_uid, series_number, instance):
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = sop_class
     meta.MediaStorageSOPInstanceUID = generate_uid()
@@ -95,10 +96,13 @@ def _slice_dataset(stored, position, row, column, pixel_spacing, slope, intercep
     ds.PatientID = PATIENT_ID
     ds.PatientBirthDate = "19500101"
     ds.StudyDate = "20240229"
+    ds.StudyTime = "101500"
+    ds.StudyID = "1"
+    ds.AccessionNumber = "ACC-99"
     ds.InstitutionName = "St Elsewhere"
     ds.Modality = modality
     ds.ImageType = list(image_type)
-    ds.StudyInstanceUID = generate_uid()
+    ds.StudyInstanceUID = study_uid
     ds.SeriesInstanceUID = series_uid
     ds.SeriesNumber = series_number
     ds.InstanceNumber = instance

@@ -239,3 +239,15 @@ def test_nifti_output_of_a_dicom_series_is_on_its_grid(tmp_path):
     written = nib.load(tmp_path / "out.nii.gz")
     np.testing.assert_allclose(written.affine, expected_affine(files), atol=1e-5)
     np.testing.assert_array_equal(np.asanyarray(written.dataobj), SLICES.transpose(2, 1, 0))
+
+
+def test_a_dicomdir_is_not_taken_for_a_slice(tmp_path):
+    from pydicom.fileset import FileSet
+
+    fileset = FileSet()
+    for path in write_series(tmp_path / "export", SLICES):
+        fileset.add(pydicom.dcmread(path))
+    fileset.write(tmp_path / "cd")  # DICOMDIR at the root, the slices in PT*/ST*/SE*/
+    sources = find_volumes(tmp_path / "cd")
+    assert len(sources) == 1 and "SE" in sources[0].name
+    np.testing.assert_array_equal(_source_layout(sources[0].load()), SLICES.transpose(2, 1, 0))

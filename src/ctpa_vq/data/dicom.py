@@ -30,6 +30,7 @@ import numpy as np
 from .nifti import CTFileError, CTVolume, ct_from_image
 
 SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
+MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"  # DICOMDIR
 _HEADER_TAGS = ["SeriesInstanceUID", "SeriesNumber", "Modality", "ImageType", "SOPClassUID"]
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _ORIENTATION_TOLERANCE = 1e-4  # direction cosines
@@ -80,7 +81,7 @@ def find_series(folder: str | os.PathLike, files: list[Path] | None = None) -> l
     """The series among ``files`` (default: the DICOM files directly in ``folder``), sorted by SeriesNumber.
 
     A file whose header cannot be read becomes a one-file series with that problem as its
-    ``error``, so the rest of the folder is still read.
+    ``error``, so the rest of the folder is still read. A DICOMDIR (a CD's index) is ignored.
     """
     pydicom = _pydicom()
     folder = Path(folder)
@@ -95,6 +96,8 @@ def find_series(folder: str | os.PathLike, files: list[Path] | None = None) -> l
         except Exception as err:  # pydicom raises many types for damaged files
             broken.append(DicomSeries(str(path), [path], error=f"not a readable DICOM file ({err})"))
             continue
+        if header.file_meta.get("MediaStorageSOPClassUID") == MEDIA_STORAGE_DIRECTORY:
+            continue  # a DICOMDIR: the index of a CD, not an image
         uid = str(header.get("SeriesInstanceUID", ""))
         if not uid:
             broken.append(DicomSeries(str(path), [path], error="lacks SeriesInstanceUID: a damaged or incomplete "
