@@ -125,6 +125,7 @@ def test_evaluate_scores_dicom_and_nrrd_and_prints_pseudonyms(model_dir, tmp_pat
     inputs = tmp_path / "in"
     write_series(inputs / "Doe_Janet", make_phantom((8, 20, 24), seed=9))
     _nrrd(inputs / "Roe_Richard.nrrd", make_phantom((9, 12, 14), seed=10))
+    write_series(inputs / "scout", make_phantom((2, 20, 24), seed=13), image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"))
     out_csv = tmp_path / "scores.csv"
     assert main(["evaluate", "--model", str(model_dir), "--input", str(inputs), "--patch", "8", "16", "16",
                  "--no-progress", "--csv", str(out_csv)]) == 0
@@ -133,6 +134,7 @@ def test_evaluate_scores_dicom_and_nrrd_and_prints_pseudonyms(model_dir, tmp_pat
     key = PseudonymKey.load()
     assert [r["name"] for r in rows] == [key.pseudonym("Doe_Janet"), key.pseudonym("Roe_Richard.nrrd")]
     assert "Doe" not in printed and "Roe" not in printed and "Doe" not in out_csv.read_text()
+    assert f"skipped {inputs / 'scout'}: a localizer (scout) series, not a CT volume" in printed  # not a failure
 
 
 def test_latent_stats_reads_a_dicom_series_folder_and_an_nrrd(tmp_path, capsys):

@@ -190,8 +190,8 @@ def _build_split(
     split: str, sources: list[tuple[str, VolumeSource]], rows: "_Rows", cache_dir: Path
 ) -> datasets.Dataset | None:
     """One split as an Arrow dataset in ``cache_dir``, written one volume at a time (None if no volume is usable)."""
-    fingerprint = hashlib.sha256("\n".join([split, str(rows.target_spacing), *(s.name for _, s in sources)])
-                                 .encode()).hexdigest()[:32]
+    names = [rows.name(source.name) for _, source in sources]  # pseudonyms: the fingerprint is stored
+    fingerprint = hashlib.sha256("\n".join([split, str(rows.target_spacing), *names]).encode()).hexdigest()[:32]
     try:
         return datasets.Dataset.from_generator(
             rows,
