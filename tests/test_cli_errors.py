@@ -115,3 +115,16 @@ def test_evaluate_scores_the_rest_and_lists_unreadable_files(model_dir, tmp_path
     assert "2 volume(s) could not be scored" in printed.err
     assert f"{folder / 'a_truncated.nii.gz'}: voxel data cannot be read: file truncated or corrupt" in printed.err
     assert f"{folder / 'flat.nii.gz'}: is 2D" in printed.err
+
+
+def test_any_other_error_is_one_message_not_a_traceback(tmp_path, capsys, monkeypatch):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("model: [unclosed\n")  # a YAML parser error: neither ValueError nor FileNotFoundError
+    monkeypatch.delenv("CTPA_VQ_DEBUG", raising=False)
+    assert main(["verify", "--config", str(recipe)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("ctpa-vq verify: error: ParserError:") and str(recipe) in err
+    assert "set CTPA_VQ_DEBUG=1 for the traceback" in err
+    monkeypatch.setenv("CTPA_VQ_DEBUG", "1")
+    with pytest.raises(Exception, match="while parsing"):
+        main(["verify", "--config", str(recipe)])
