@@ -187,8 +187,6 @@ def _add_inference_options(parser: argparse.ArgumentParser) -> None:
 def _load_pipeline(args: argparse.Namespace):
     from pathlib import Path
 
-    import torch
-
     from .pipelines import load_reconstruction_pipeline
 
     device = _device(args.device)

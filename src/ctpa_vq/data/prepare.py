@@ -171,7 +171,7 @@ def prepare_dataset(
                 dataset = _build_split(split, split_sources, rows, work_dir / "cache") if split_sources else None
                 if dataset is not None:
                     splits[split] = dataset
-                    setattr(report, "train_patients" if split == "train" else "val_patients", rows.patients)
+                    setattr(report, "train_patients" if split == "train" else "val_patients", sorted(rows.patients))
         if not report.used_files:
             raise ValueError(f"{input_dir}: none of the {len(report.skipped)} volume(s) is usable:\n"
                              + "\n".join(reason for _, reason in report.skipped))
