@@ -77,6 +77,8 @@ def test_rle_compressed_series_is_decoded(tmp_path):
          r"mixed orientations: (other|slice)\d+\.dcm has ImageOrientationPatient \[.*\] but (other|slice)\d+\.dcm "
          r"has \[.*\]"),
         ("single", lambda f: write_series(f, SLICES[:1]), r"a single 2D slice \(slice000\.dcm\)"),
+        ("sizes", lambda f: _mixed_sizes(f),
+         r"slices differ in size: (other|slice)\d+\.dcm is \(\d+, \d+\) pixels of \(0\.7, 0\.8\) mm, "),
         ("duplicate", lambda f: _duplicate(f), r"two slices at the same position"),
     ],
 )
@@ -104,6 +106,12 @@ def _mixed_orientations(folder):
     uid = pydicom.dcmread(files[0]).SeriesInstanceUID
     write_series(folder, SLICES[4:6], orientation=(row, column), origin=(-120.0, -95.0, 330.0), series_uid=uid,
                  file_prefix="other")
+
+
+def _mixed_sizes(folder):
+    files = write_series(folder, SLICES[:3])
+    uid = pydicom.dcmread(files[0]).SeriesInstanceUID
+    write_series(folder, SLICES[3:4, :16], origin=(-120.0, -95.0, 317.5), series_uid=uid, file_prefix="other")
 
 
 def _duplicate(folder):

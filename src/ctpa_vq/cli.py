@@ -42,10 +42,16 @@ def _add_privacy_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _pseudonymise(args: argparse.Namespace):
-    """Identifier -> what is stored or printed: its keyed-hash pseudonym, or itself with --keep-identifiers."""
+    """Identifier -> what is stored or printed: its keyed-hash pseudonym, or itself with --keep-identifiers.
+    The key is loaded (or created) on the first identifier, so a run that prints none needs none."""
+    from functools import cache
+
     from .privacy import PseudonymKey
 
-    return str if args.keep_identifiers else PseudonymKey.load(args.key_file).pseudonym
+    if args.keep_identifiers:
+        return str
+    key = cache(lambda: PseudonymKey.load(args.key_file))
+    return lambda identifier: key().pseudonym(identifier)
 
 
 def _run_prepare(args: argparse.Namespace) -> int:
