@@ -39,7 +39,7 @@ def scans(tmp_path):
 def test_evaluate_folder_matches_the_pipeline_and_writes_csv(model_dir, scans, tmp_path, capsys):
     out_csv = tmp_path / "scores.csv"
     assert main(["evaluate", "--model", str(model_dir), "--input", str(scans), *PATCH, "--no-progress",
-                 "--csv", str(out_csv)]) == 0  # fmt: skip
+                 "--csv", str(out_csv), "--keep-identifiers"]) == 0  # fmt: skip
     rows = list(csv.DictReader(out_csv.open()))
     assert [r["name"].rsplit("/", 1)[-1] for r in rows] == [f"patient{i}.nii.gz" for i in range(3)]
     assert "mean over 3 volumes" in capsys.readouterr().out

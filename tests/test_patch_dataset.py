@@ -38,7 +38,7 @@ def prepared(tmp_path_factory):
         hu = np.random.default_rng(i).integers(-1024, 2048, (20 + i, 24, 18)).astype(np.int16)
         sources[f"vol{i}"] = hu
         nib.save(nib.Nifti1Image(hu, PERMUTED_AFFINE), root / "in" / f"vol{i}.nii.gz")
-    prepare_dataset(root / "in", root / "out", val_fraction=0.0, progress=False)
+    prepare_dataset(root / "in", root / "out", val_fraction=0.0, progress=False, keep_identifiers=True)
     return root / "out", sources
 
 

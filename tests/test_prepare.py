@@ -1,8 +1,10 @@
-"""``prepare``: NIfTI directory -> DatasetDict, split by patient, bad files reported, CLI exit codes."""
+"""``prepare``: directory of volumes -> DatasetDict, split by patient, pseudonymised, optionally
+resampled; bad files reported, CLI exit codes."""
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 
 import datasets
 import nibabel as nib
@@ -13,6 +15,7 @@ from ctpa_vq.cli import main
 from ctpa_vq.data.nifti import load_ct
 from ctpa_vq.data.phantom import write_phantom_dir, write_phantom_nifti
 from ctpa_vq.data.prepare import prepare_dataset, split_patients
+from ctpa_vq.privacy import PseudonymKey
 
 SHAPE = (16, 20, 24)
 
@@ -31,24 +34,36 @@ def _add_bad_files(directory):
     nib.save(nib.Nifti1Image(np.full((4, 4, 4), np.nan, np.float32), np.eye(4)), directory / "nan.nii.gz")
 
 
-def test_prepare_writes_a_dataset_load_from_disk_opens(tmp_path):
+def _keyed_hash(key_file, text):
+    """HMAC-SHA256 pseudonym computed here from the key file, independently of ctpa_vq.privacy."""
+    secret = bytes.fromhex(open(key_file).read().strip())
+    return "p" + hmac.new(secret, text.encode(), hashlib.sha256).hexdigest()[:16]
+
+
+def test_prepare_writes_a_dataset_load_from_disk_opens(tmp_path, monkeypatch):
+    key_file = tmp_path / "keys" / "my.key"
+    monkeypatch.setenv("CTPA_VQ_KEY_FILE", str(key_file))
     inputs = tmp_path / "in"
     paths = write_phantom_dir(inputs, 5, SHAPE)
     report = prepare_dataset(inputs, tmp_path / "out", val_fraction=0.2, progress=False)
 
+    assert key_file.is_file() and (key_file.stat().st_mode & 0o777) == 0o600  # created on first use, private
     dataset = datasets.load_from_disk(str(tmp_path / "out"))
     assert set(dataset) == {"train", "validation"}
     assert (len(dataset["train"]), len(dataset["validation"])) == (4, 1)
     assert len(report.used_files) == 5 and not report.skipped
     row = dataset["validation"][0]
-    source = next(p for p in paths if p.name.startswith(row["patient_id"]))
+    by_pseudonym = {_keyed_hash(key_file, p.name.removesuffix(".nii.gz")): p for p in paths}
+    source = by_pseudonym[row["patient_id"]]
     volume = load_ct(source)
-    assert row["source"] == str(source)
-    assert tuple(row["shape"]) == volume.shape
+    assert row["source"] == _keyed_hash(key_file, source.name)
+    assert report.val_patients == [row["patient_id"]]
+    assert tuple(row["shape"]) == tuple(row["source_shape"]) == volume.shape
+    np.testing.assert_allclose(row["source_spacing"], volume.spacing)
     np.testing.assert_array_equal(np.frombuffer(row["hu"], np.int16).reshape(row["shape"]), volume.hu)
     np.testing.assert_allclose(row["spacing"], volume.spacing)
     np.testing.assert_allclose(row["affine"], volume.affine)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out"]  # no temporary directories left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "keys", "out"]  # no temporary directories left
 
 
 def test_split_is_by_patient_and_deterministic(tmp_path):
@@ -56,8 +71,11 @@ def test_split_is_by_patient_and_deterministic(tmp_path):
     for patient in range(6):  # two scans per patient, in the patient's own folder
         for scan in range(2):
             write_phantom_nifti(inputs / f"patient{patient}" / f"scan{scan}.nii.gz", SHAPE, seed=10 * patient + scan)
-    report = prepare_dataset(inputs, tmp_path / "out", val_fraction=0.34, seed=7, progress=False)
+    report = prepare_dataset(inputs, tmp_path / "out", val_fraction=0.34, seed=7, progress=False,
+                             keep_identifiers=True)
     dataset = datasets.load_from_disk(str(tmp_path / "out"))
+    assert set(dataset["train"]["source"]) == {f"patient{p}/scan{s}.nii.gz" for p in range(6) for s in range(2)} \
+        - set(dataset["validation"]["source"])
 
     train_ids = set(dataset["train"]["patient_id"])
     val_ids = set(dataset["validation"]["patient_id"])
@@ -104,18 +122,18 @@ def test_bad_files_are_skipped_by_name_and_inputs_are_untouched(tmp_path):
     assert "NaN" in reasons["nan.nii.gz"]
     assert all(name in reason for name, reason in reasons.items())
     summary = report.summary()
-    assert "used 3 file(s)" in summary and "skipped 4" in summary and "truncated.nii.gz" in summary
+    assert "used 3 volume(s)" in summary and "skipped 4" in summary and "truncated.nii.gz" in summary
 
 
 def test_empty_directory_and_all_bad_files_are_errors(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="no .nii or .nii.gz files"):
+    with pytest.raises(ValueError, match="no volumes found"):
         prepare_dataset(tmp_path / "empty", tmp_path / "out1", progress=False)
 
     bad = tmp_path / "bad"
     bad.mkdir()
     nib.save(nib.Nifti1Image(np.zeros((8, 8), np.int16), np.eye(4)), bad / "flat.nii.gz")
-    with pytest.raises(ValueError, match="(?s)none of the 1 NIfTI file.*flat.nii.gz"):
+    with pytest.raises(ValueError, match="(?s)none of the 1 volume.*flat.nii.gz"):
         prepare_dataset(bad, tmp_path / "out2", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad", "empty"]  # nothing half-written
 
@@ -138,7 +156,7 @@ def test_cli_prepare_exit_codes(tmp_path, capsys):
     assert main(["prepare", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
                  "--val-fraction", "0.3", "--max-patients", "7", "--seed", "1", "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert "used 3 file(s)" in out and "skipped 4" in out and "flat.nii.gz" in out
+    assert "used 3 volume(s)" in out and "skipped 4" in out and "flat.nii.gz" in out
     assert sum(len(split) for split in datasets.load_from_disk(str(tmp_path / "out")).values()) == 3
 
     (tmp_path / "empty").mkdir()
@@ -147,3 +165,46 @@ def test_cli_prepare_exit_codes(tmp_path, capsys):
     assert main(["prepare", "--input", str(tmp_path / "nope"), "--output", str(tmp_path / "o3")]) == 2
     assert main(["prepare", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_pseudonyms_depend_on_the_key_and_no_identifier_is_stored(tmp_path):
+    inputs = tmp_path / "in"
+    write_phantom_nifti(inputs / "Smith_John_1950" / "ctpa.nii.gz", SHAPE, seed=1)
+    write_phantom_nifti(inputs / "Doe_Jane_1961.nii.gz", SHAPE, seed=2)
+    ids = {}
+    for key_name in ("a", "b"):
+        key = PseudonymKey.load(tmp_path / f"{key_name}.key")
+        prepare_dataset(inputs, tmp_path / key_name, val_fraction=0.0, progress=False, key=key)
+        train = datasets.load_from_disk(str(tmp_path / key_name))["train"]
+        ids[key_name] = set(train["patient_id"])
+        assert ids[key_name] == {key.pseudonym("Smith_John_1950"), key.pseudonym("Doe_Jane_1961")}
+        stored = b"".join(p.read_bytes() for p in (tmp_path / key_name).rglob("*") if p.is_file())
+        for identifier in (b"Smith", b"Doe_Jane", b"1950", str(inputs).encode()):
+            assert identifier not in stored
+    assert not ids["a"] & ids["b"]
+
+
+def test_a_damaged_key_file_is_refused_by_name(tmp_path):
+    (tmp_path / "bad.key").write_text("not hex\n")
+    with pytest.raises(ValueError, match="bad.key: not a pseudonymisation key"):
+        PseudonymKey.load(tmp_path / "bad.key")
+
+
+def test_resampling_to_a_target_spacing_keeps_world_positions(tmp_path):
+    inputs = tmp_path / "in"
+    source = write_phantom_nifti(inputs / "p0.nii.gz", (17, 21, 24), seed=3, spacing=(1.0, 0.7, 0.7))
+    report = prepare_dataset(inputs, tmp_path / "out", val_fraction=0.0, progress=False, target_spacing=(2.0, 1.4, 1.4))
+    assert "resampled to 2 x 1.4 x 1.4 mm" in report.summary()
+
+    row = datasets.load_from_disk(str(tmp_path / "out"))["train"][0]
+    volume = load_ct(source)
+    # Halving the grid: voxel (d, h, w) lands exactly on source voxel (2d, 2h, 2w).
+    assert tuple(row["shape"]) == (9, 11, 12)
+    assert tuple(row["source_shape"]) == (17, 21, 24)
+    np.testing.assert_allclose(row["spacing"], (2.0, 1.4, 1.4))
+    np.testing.assert_allclose(row["source_spacing"], (1.0, 0.7, 0.7))
+    hu = np.frombuffer(row["hu"], np.int16).reshape(row["shape"])
+    np.testing.assert_array_equal(hu, volume.hu[::2, ::2, ::2])
+    d, h, w = np.indices(hu.shape).reshape(3, -1)
+    world = np.asarray(row["affine"]) @ np.stack([w, h, d, np.ones_like(d)])
+    np.testing.assert_allclose(world, volume.affine @ np.stack([2 * w, 2 * h, 2 * d, np.ones_like(d)]), atol=1e-9)

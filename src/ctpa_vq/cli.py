@@ -7,32 +7,62 @@ printed as one line naming the file and the problem, with a non-zero exit code.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
 def _add_prepare(subparsers) -> None:
     prepare = subparsers.add_parser(
         "prepare",
-        help="NIfTI CT volumes -> a train/validation dataset (datasets.load_from_disk)",
-        description="Scans --input recursively for .nii/.nii.gz, reorients to canonical RAS, keeps int16 HU, "
-        "spacing, affine and patient id, splits by patient. Unreadable files are skipped and listed.",
+        help="CT volumes (NIfTI, NRRD, MetaImage, DICOM series) -> a train/validation dataset "
+        "(datasets.load_from_disk)",
+        description="Scans --input recursively for .nii/.nii.gz, .nrrd/.nhdr, .mha/.mhd files and DICOM series "
+        "folders, reorients to canonical RAS, keeps int16 HU, spacing, affine and a pseudonymised patient id, "
+        "splits by patient. Unreadable volumes are skipped and listed.",
     )
-    prepare.add_argument("--input", required=True, help="directory of .nii / .nii.gz volumes (read only)")
+    prepare.add_argument("--input", required=True, help="directory of volumes and/or DICOM series folders (read only)")
     prepare.add_argument("--output", required=True, help="dataset directory to create")
     prepare.add_argument("--val-fraction", type=float, default=0.2, help="fraction of patients for validation")
     prepare.add_argument("--max-patients", type=int, default=None, help="use at most N patients")
     prepare.add_argument("--seed", type=int, default=0, help="seed of the train/validation split")
+    prepare.add_argument("--spacing", type=float, nargs=3, metavar=("D", "H", "W"), default=None,
+                         help="resample every volume to this spacing in mm (default: keep each volume's grid)")
     prepare.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     prepare.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_privacy_options(prepare)
     prepare.set_defaults(handler=_run_prepare)
+
+
+def _add_privacy_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--keep-identifiers", action="store_true",
+                        help="store/print patient ids and paths as they are (default: keyed-hash pseudonyms)")
+    parser.add_argument("--key-file", default=None,
+                        help="pseudonymisation key (default: $CTPA_VQ_KEY_FILE or ~/.config/ctpa-vq/pseudonym.key, "
+                        "created on first use)")
+
+
+def _pseudonymise(args: argparse.Namespace):
+    """Identifier -> what is stored or printed: its keyed-hash pseudonym, or itself with --keep-identifiers.
+    The key is loaded (or created) on the first identifier, so a run that prints none needs none."""
+    from functools import cache
+
+    from .privacy import PseudonymKey
+
+    if args.keep_identifiers:
+        return str
+    key = cache(lambda: PseudonymKey.load(args.key_file))
+    return lambda identifier: key().pseudonym(identifier)
 
 
 def _run_prepare(args: argparse.Namespace) -> int:
     from .data.prepare import prepare_dataset
+    from .privacy import PseudonymKey
 
+    key = None if args.keep_identifiers else PseudonymKey.load(args.key_file)
     report = prepare_dataset(
         args.input, args.output, val_fraction=args.val_fraction, max_patients=args.max_patients, seed=args.seed,
-        overwrite=args.overwrite, progress=not args.no_progress,
+        overwrite=args.overwrite, progress=not args.no_progress, target_spacing=args.spacing,
+        keep_identifiers=args.keep_identifiers, key=key,
     )
     print(report.summary())
     return 0
@@ -105,7 +135,8 @@ def _add_latent_stats(subparsers) -> None:
         help="measure per-channel latent mean/std on volumes and store them in the model's config",
     )
     stats.add_argument("--model", required=True, help="save_pretrained folder (VQGAN3D, or pipeline)")
-    stats.add_argument("--input", required=True, nargs="+", help="NIfTI files, or folders of *.nii / *.nii.gz")
+    stats.add_argument("--input", required=True, nargs="+",
+                       help="volume files (NIfTI, NRRD, MetaImage), DICOM series folders, or folders of them")
     stats.add_argument("--patch", type=int, nargs=3, metavar=("D", "H", "W"), default=None,
                        help="patch size for patch-wise encoding (default: the pipeline's)")
     stats.add_argument("--overlap", type=float, default=None, help="patch overlap fraction (default: the pipeline's)")
@@ -128,12 +159,19 @@ def _run_latent_stats(args: argparse.Namespace) -> int:
 def _add_reconstruct(subparsers) -> None:
     reconstruct = subparsers.add_parser(
         "reconstruct",
-        help="reconstruct a NIfTI CT volume patch-wise with a model; print PSNR/SSIM against it",
-        description="The output keeps the input's affine, orientation and header. PSNR and SSIM are in HU over "
-        "the model's window.",
+        help="reconstruct a CT volume (NIfTI, NRRD, MetaImage, DICOM series folder) patch-wise; print PSNR/SSIM",
+        description="The output lands on the input's own grid (affine, orientation; a NIfTI input's header too). "
+        "PSNR and SSIM are in HU over the model's window.",
     )
-    reconstruct.add_argument("--input", required=True, help="input .nii / .nii.gz (read only)")
-    reconstruct.add_argument("--output", required=True, help="output .nii / .nii.gz (written atomically)")
+    reconstruct.add_argument("--input", required=True,
+                             help="a .nii/.nii.gz, .nrrd/.nhdr or .mha/.mhd file, or a folder with one DICOM series "
+                             "(read only)")
+    reconstruct.add_argument("--output", required=True,
+                             help="output .nii/.nii.gz (or .nrrd/.mha), written atomically")
+    reconstruct.add_argument("--overwrite", action="store_true", help="replace an existing --output / --slices")
+    reconstruct.add_argument("--spacing", type=float, nargs=3, metavar=("D", "H", "W"), default=None,
+                             help="run the model at this spacing in mm (the one its training data was prepared at); "
+                             "the result is resampled back onto the input's grid (default: no resampling)")
     _add_inference_options(reconstruct)
     reconstruct.add_argument("--slices", default=None, help="also write a PNG of mid-slices input | output | error")
     reconstruct.set_defaults(handler=_run_reconstruct)
@@ -153,14 +191,43 @@ def _add_inference_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _load_pipeline(args: argparse.Namespace):
-    import torch
+    from pathlib import Path
 
     from .pipelines import load_reconstruction_pipeline
 
-    pipeline = load_reconstruction_pipeline(args.model)
-    pipeline.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _device(args.device)
+    model = Path(args.model)
+    has_config = model.is_dir() and any((model / name).is_file() for name in ("config.json", "model_index.json"))
+    if has_config and not any(model.rglob("*.safetensors")):
+        raise FileNotFoundError(f"{model}: no weights in this model folder (no .safetensors file; ctpa-vq saves and "
+                                "loads safetensors only): was save_pretrained interrupted, or is it the wrong folder?")
+    try:
+        pipeline = load_reconstruction_pipeline(args.model)
+    except OSError as err:  # diffusers' "no file named ..." and friends
+        raise FileNotFoundError(f"{model}: the model cannot be loaded ({err})") from err
+    pipeline.to(device)
     pipeline.set_progress_bar_config(disable=args.no_progress)
     return pipeline
+
+
+def _device(name: str | None):
+    """The torch device to run on; an error naming what is missing when it is not available here."""
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"--device {name}: not a torch device ({err})") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        cause = "this torch build has no CUDA" if torch.version.cuda is None else "no GPU is visible"
+        raise ValueError(f"--device {name}: CUDA is not available ({cause}); use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) visible")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: MPS is not available on this machine; use --device cpu")
+    return device
 
 
 def _overlap(text: str) -> float | int:
@@ -177,26 +244,39 @@ def _run_reconstruct(args: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from .data.nifti import load_ct, save_ct_like
-    from .metrics import reconstruction_metrics
+    from .data.resample import resample
+    from .data.volume_io import VOLUME_SUFFIXES, load_volume, save_volume_like
+    from .metrics import SSIM_KERNEL, psnr_hu, reconstruction_metrics
     from .visualize import save_mid_slices
 
     output = Path(args.output)
-    if not output.name.endswith((".nii", ".nii.gz")):
-        raise ValueError(f"{output}: output must end in .nii or .nii.gz")
+    if not output.name.endswith(VOLUME_SUFFIXES):
+        raise ValueError(f"{output}: output must end in {', '.join(VOLUME_SUFFIXES)}")
     if not output.parent.is_dir():
         raise FileNotFoundError(f"{output.parent}: output directory does not exist")
     if output.resolve() == Path(args.input).resolve():
         raise ValueError(f"{output}: refusing to overwrite the input")
-    ct = load_ct(args.input)
+    for path in (output, Path(args.slices) if args.slices else None):
+        if path is not None and path.exists() and not args.overwrite:
+            raise ValueError(f"{path}: already exists (choose another output, or pass --overwrite)")
+    ct = load_volume(args.input)
     pipeline = _load_pipeline(args)
+    hu = ct.hu if args.spacing is None else resample(ct.hu, ct.spacing, args.spacing)
     reconstruction = pipeline(
-        ct.hu, patch_size=args.patch, overlap=args.overlap, blend=args.blend, batch_size=args.batch_size
+        hu, patch_size=args.patch, overlap=args.overlap, blend=args.blend, batch_size=args.batch_size
     ).reconstruction
+    if args.spacing is not None:  # back onto the input's own grid
+        reconstruction = resample(reconstruction, args.spacing, ct.spacing, shape=ct.shape)
     if ct.hu.dtype.kind in "iu":  # integral input: write integral HU, like the input
         reconstruction = np.rint(reconstruction).astype(ct.hu.dtype)
-    metrics = reconstruction_metrics(reconstruction, ct.hu, pipeline.window, device=pipeline.vqgan.device)
-    save_ct_like(reconstruction, ct, output)
+    save_volume_like(reconstruction, ct, output)
+    if min(ct.shape) > SSIM_KERNEL // 2:
+        metrics = reconstruction_metrics(reconstruction, ct.hu, pipeline.window, device=pipeline.vqgan.device)
+    else:  # too thin for the 3D SSIM kernel: report what applies
+        low, high = pipeline.window
+        psnr = psnr_hu(reconstruction, ct.hu, pipeline.window, device=pipeline.vqgan.device)
+        metrics = (f"PSNR {psnr:.2f} dB (HU window {low:g}..{high:g}); SSIM not computed: 3D SSIM needs more than "
+                   f"{SSIM_KERNEL // 2} voxels along every axis, this volume is {'x'.join(map(str, ct.shape))}")
     print(f"{output}: {metrics}")
     if args.slices:
         save_mid_slices(args.slices, ct.hu, reconstruction, pipeline.window, spacing=ct.spacing)
@@ -209,30 +289,50 @@ def _add_evaluate(subparsers) -> None:
         "evaluate",
         help="reconstruct every volume of a NIfTI folder or a prepared dataset split; PSNR/SSIM per volume",
     )
-    evaluate.add_argument("--input", required=True, help="a .nii/.nii.gz file, a folder of them, or a `prepare` output")
+    evaluate.add_argument("--input", required=True,
+                          help="a volume file, a folder of volumes / DICOM series folders, or a `prepare` output")
     evaluate.add_argument("--split", default="validation", help="split of a prepared dataset (default validation)")
     _add_inference_options(evaluate)
     evaluate.add_argument("--csv", default=None, help="also write the per-volume scores to this CSV")
+    _add_privacy_options(evaluate)
     evaluate.set_defaults(handler=_run_evaluate)
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from .data.dicom import SkippedSeries
+    from .data.nifti import CTFileError
     from .evaluation import iter_volumes, score_volume, write_scores_csv
 
     pipeline = _load_pipeline(args)
     grid = dict(patch_size=args.patch, overlap=args.overlap, blend=args.blend, batch_size=args.batch_size)
-    scores = []
-    for name, hu in iter_volumes(args.input, args.split):
-        score, _ = score_volume(pipeline, hu, name, **grid)
+    scores, failures = [], []
+    for name, read in iter_volumes(args.input, args.split, name=_pseudonymise(args)):
+        try:
+            score, _ = score_volume(pipeline, read(), name, **grid)
+        except SkippedSeries as err:
+            print(f"skipped {err}")
+            continue
+        except CTFileError as err:
+            failures.append(str(err))
+            continue
+        except ValueError as err:  # e.g. a volume too thin for 3D SSIM
+            failures.append(f"{name}: {err}")
+            continue
         scores.append(score)
         print(f"{name}: PSNR {score.psnr:.2f} dB, SSIM {score.ssim:.4f}, clipped {100 * score.clipped_fraction:.3f}%")
-    psnr, ssim = np.mean([s.psnr for s in scores]), np.mean([s.ssim for s in scores])
-    low, high = pipeline.window
-    print(f"mean over {len(scores)} volumes: PSNR {psnr:.2f} dB, SSIM {ssim:.4f} (HU window {low:g}..{high:g})")
-    if args.csv:
+    if scores:
+        psnr, ssim = np.mean([s.psnr for s in scores]), np.mean([s.ssim for s in scores])
+        low, high = pipeline.window
+        print(f"mean over {len(scores)} volumes: PSNR {psnr:.2f} dB, SSIM {ssim:.4f} (HU window {low:g}..{high:g})")
+    if args.csv and scores:
         write_scores_csv(scores, args.csv)
+    if failures:
+        print(f"ctpa-vq evaluate: {len(failures)} volume(s) could not be scored:", file=sys.stderr)
+        for failure in failures:
+            print(f"  {failure}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -255,6 +355,15 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as err:
         print(f"ctpa-vq {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"ctpa-vq {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # never a traceback for the user; CTPA_VQ_DEBUG=1 shows it
+        if os.environ.get("CTPA_VQ_DEBUG"):
+            raise
+        print(f"ctpa-vq {args.command}: error: {type(err).__name__}: {err} (set CTPA_VQ_DEBUG=1 for the traceback)",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

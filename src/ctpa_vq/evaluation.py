@@ -10,14 +10,14 @@ import csv
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from functools import partial
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
 from .atomic import atomic_path
-from .data.nifti import load_ct
 from .data.patch_dataset import VolumeStore
-from .data.prepare import find_nifti_files
+from .data.volume_io import INPUT_KINDS, find_volumes, load_volume
 from .intensity import clipped_fraction
 from .metrics import reconstruction_metrics
 from .pipelines import CTPAReconstructionOutput, CTPAReconstructionPipeline
@@ -52,21 +52,34 @@ def score_volume(
     return VolumeScore(name, scores.psnr, scores.ssim, clipped), result
 
 
-def iter_volumes(path: str | os.PathLike, split: str = "validation") -> Iterator[tuple[str, np.ndarray]]:
-    """(name, HU `(D, H, W)`) of every volume in a folder of NIfTI files or a prepared dataset split."""
+def iter_volumes(
+    path: str | os.PathLike, split: str = "validation", name: Callable[[str], str] = str
+) -> Iterator[tuple[str, Callable[[], np.ndarray]]]:
+    """(name, read HU `(D, H, W)`) of every volume in a file, a folder of volumes (NIfTI, NRRD,
+    MetaImage, DICOM series) or a prepared dataset split.
+
+    Volumes are read only when their reader is called, so a caller can report a bad one and go
+    on; the reader raises :class:`~ctpa_vq.data.nifti.CTFileError` naming the file (its subclass
+    :class:`~ctpa_vq.data.dicom.SkippedSeries` for a localizer, secondary capture, ...). ``name``
+    maps a volume's path relative to ``path`` (a file's own name) to the name given, e.g. the
+    pseudonym `prepare` stores as its ``source``; a prepared split's names are its stored patient ids.
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or directory")
     if (path / "dataset_dict.json").is_file() or (path / "dataset_info.json").is_file():
         store = VolumeStore.from_disk(path, split)
         for index in range(len(store)):
-            yield store.patient_ids[index], store.volume(index)
+            yield store.patient_ids[index], partial(store.volume, index)
         return
-    files = [path] if path.is_file() else find_nifti_files(path)
-    if not files:
-        raise ValueError(f"{path}: no .nii or .nii.gz files and not a prepared dataset")
-    for file in files:
-        yield str(file), load_ct(file).hu
+    if path.is_file():
+        yield name(path.name), lambda: load_volume(path).hu
+        return
+    sources = find_volumes(path)
+    if not sources:
+        raise ValueError(f"{path}: no volumes ({INPUT_KINDS}) and not a prepared dataset")
+    for source in sources:
+        yield name(os.path.relpath(source.name, path)), lambda source=source: source.load().hu
 
 
 def write_scores_csv(scores: Sequence[VolumeScore], path: str | os.PathLike) -> None:

@@ -12,6 +12,7 @@ import json
 import os
 import tempfile
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -19,7 +20,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-NIFTI_PATTERNS = ("*.nii", "*.nii.gz")
+from .data.dicom import is_dicom_file
+from .data.nifti import CTVolume
+from .data.volume_io import INPUT_KINDS, find_volumes, load_volume
 
 
 @dataclass
@@ -97,20 +100,21 @@ def write_latent_stats(model, stats: LatentStats, model_path: str | Path) -> Non
         os.replace(Path(tmp) / "config.json", model_path / "config.json")
 
 
-def nifti_files(inputs: Sequence[str | Path]) -> list[Path]:
-    """NIfTI files named in `inputs`, folders expanded to their `*.nii` / `*.nii.gz` (sorted)."""
-    files: list[Path] = []
+def volume_readers(inputs: Sequence[str | Path]) -> list[Callable[[], CTVolume]]:
+    """A reader per volume named in `inputs`: files and DICOM series folders as given, other folders
+    expanded to the volumes under them (NIfTI, NRRD, MetaImage, DICOM series; sorted)."""
+    readers: list[Callable[[], CTVolume]] = []
     for item in map(Path, inputs):
-        if item.is_dir():
-            found = sorted({p for pattern in NIFTI_PATTERNS for p in item.glob(pattern)})
-            if not found:
-                raise FileNotFoundError(f"{item}: no .nii or .nii.gz files in this folder")
-            files.extend(found)
-        elif item.is_file():
-            files.append(item)
-        else:
+        if not item.exists():
             raise FileNotFoundError(f"{item}: no such file or folder")
-    return files
+        if item.is_dir() and not any(is_dicom_file(p) for p in item.iterdir() if p.is_file()):
+            found = find_volumes(item)
+            if not found:
+                raise FileNotFoundError(f"{item}: no volumes in this folder (expected {INPUT_KINDS})")
+            readers.extend(source.load for source in found)
+        else:
+            readers.append(partial(load_volume, item))
+    return readers
 
 
 def compute_and_store_latent_stats(
@@ -123,19 +127,18 @@ def compute_and_store_latent_stats(
     """What `ctpa-vq latent-stats` does: encode every input volume whole (patch-wise, blended latents,
     as `encode_volume` gives them to the DDPM), then store the statistics in the model folder's config
     (`model_dir/config.json`, or `model_dir/vqgan/config.json` for a saved pipeline)."""
-    from .data.nifti import load_ct
     from .pipelines import load_reconstruction_pipeline
     from .pipelines.reconstruction import DEFAULT_PATCH_SIZE
 
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"{model_dir}: model folder does not exist (latent-stats rewrites a local model)")
-    files = nifti_files(inputs)
+    readers = volume_readers(inputs)
     pipe = load_reconstruction_pipeline(model_dir)
     pipe.set_progress_bar_config(disable=True)
     model_path = model_dir / "vqgan" if (model_dir / "model_index.json").is_file() else model_dir
     options = {"patch_size": tuple(patch_size or DEFAULT_PATCH_SIZE), "overlap": 0.25 if overlap is None else overlap}
-    volumes = (load_ct(path).hu for path in tqdm(files, desc="latent stats", unit="volume", disable=not progress))
+    volumes = (read().hu for read in tqdm(readers, desc="latent stats", unit="volume", disable=not progress))
     stats = compute_latent_stats(lambda hu: pipe.encode_volume(hu, **options), volumes)
     write_latent_stats(pipe.vqgan, stats, model_path)
     return stats

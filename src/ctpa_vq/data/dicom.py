@@ -1,0 +1,292 @@
+"""DICOM CT series (a folder of single-frame slices) -> :class:`~ctpa_vq.data.nifti.CTVolume`.
+
+Read with pydicom (an optional extra: ``pip install 'ctpa-vq[clinical]'``). A series becomes a
+volume only if it is one regular 3D grid; anything else is refused with the file and the problem,
+never silently resampled:
+
+* slices are ordered by their position along the slice normal (ImageOrientationPatient's row x
+  column directions), not by file name or InstanceNumber;
+* HU = stored value * RescaleSlope + RescaleIntercept, per slice;
+* the affine comes from ImagePositionPatient, ImageOrientationPatient and PixelSpacing (DICOM's
+  LPS turned into NIfTI's RAS), with the slice step measured between the first and last slice;
+* refused: one slice, missing slices (a gap in the positions), non-uniform slice spacing, gantry
+  tilt (a GantryDetectorTilt, or positions that drift sideways), mixed orientations or slice sizes,
+  multi-frame files, and pixel data in a compressed transfer syntax pydicom cannot decode here;
+* skipped with a reason: localizers (scouts), secondary captures, derived images, non-CT series.
+
+Only geometry and rescale tags are read into the volume; no other tag (names, dates, UIDs,
+descriptions) is copied anywhere. The SeriesInstanceUID only groups files; it is not kept.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from .nifti import CTFileError, CTVolume, ct_from_image
+
+SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
+MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"  # DICOMDIR
+_HEADER_TAGS = ["SeriesInstanceUID", "SeriesNumber", "Modality", "ImageType", "SOPClassUID"]
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+_ORIENTATION_TOLERANCE = 1e-4  # direction cosines
+_SPACING_TOLERANCE = 0.01  # relative deviation of a slice step from the median step
+_GAP_FACTOR = 1.5  # a step this many times the median step means slices are missing
+_SHEAR_TOLERANCE = 1e-3  # in-plane drift per mm along the normal (tan of ~0.06 degrees)
+
+
+class SkippedSeries(CTFileError):
+    """A series that is not a CT volume to read (localizer, secondary capture, derived, not CT)."""
+
+
+@dataclass
+class DicomSeries:
+    """The DICOM files of one series in a folder.
+
+    Attributes:
+        name: the folder, with ``#k`` (1-based, by SeriesNumber) when it holds several series.
+        files: the series' files (unordered; :func:`load_dicom_series` orders them).
+        skip_reason: why this series is not a CT volume to read (localizer, ...), or None.
+        error: why it cannot be read although it should be (an unreadable file), or None.
+    """
+
+    name: str
+    files: list[Path]
+    skip_reason: str | None = None
+    error: str | None = None
+
+
+def _pydicom():
+    try:
+        import pydicom
+    except ImportError as err:
+        raise CTFileError("DICOM", "reading DICOM needs pydicom: pip install 'ctpa-vq[clinical]'") from err
+    return pydicom
+
+
+def is_dicom_file(path: str | os.PathLike) -> bool:
+    """True for a DICOM Part 10 file (``DICM`` after the 128-byte preamble)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(132)[128:132] == b"DICM"
+    except OSError:
+        return False
+
+
+def find_series(folder: str | os.PathLike, files: list[Path] | None = None) -> list[DicomSeries]:
+    """The series among ``files`` (default: the DICOM files directly in ``folder``), sorted by SeriesNumber.
+
+    A file whose header cannot be read becomes a one-file series with that problem as its
+    ``error``, so the rest of the folder is still read. A DICOMDIR (a CD's index) is ignored.
+    """
+    pydicom = _pydicom()
+    folder = Path(folder)
+    if files is None:
+        files = sorted(p for p in folder.iterdir() if p.is_file() and is_dicom_file(p))
+    groups: dict[str, list[Path]] = {}
+    headers = {}
+    broken = []
+    for path in files:
+        try:
+            header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+        except Exception as err:  # pydicom raises many types for damaged files
+            broken.append(DicomSeries(str(path), [path], error=f"not a readable DICOM file ({err})"))
+            continue
+        if header.file_meta.get("MediaStorageSOPClassUID") == MEDIA_STORAGE_DIRECTORY:
+            continue  # a DICOMDIR: the index of a CD, not an image
+        uid = str(header.get("SeriesInstanceUID", ""))
+        if not uid:
+            broken.append(DicomSeries(str(path), [path], error="lacks SeriesInstanceUID: a damaged or incomplete "
+                                                               "DICOM file"))
+            continue
+        groups.setdefault(uid, []).append(path)
+        headers.setdefault(uid, header)
+
+    def series_number(uid: str) -> tuple:
+        number = headers[uid].get("SeriesNumber")
+        return (number is None, int(number) if number is not None else 0, uid)
+
+    uids = sorted(groups, key=series_number)
+    series = []
+    for k, uid in enumerate(uids, start=1):
+        name = str(folder) if len(uids) == 1 else f"{folder}#{k}"
+        series.append(DicomSeries(name, sorted(groups[uid]), _skip_reason(headers[uid])))
+    return series + broken
+
+
+def _skip_reason(header) -> str | None:
+    """Why a series is not a CT volume to read, from its first file's header."""
+    image_type = [str(v).upper() for v in (header.get("ImageType") or [])]
+    sop_class = str(header.get("SOPClassUID", ""))
+    modality = str(header.get("Modality", ""))
+    if "LOCALIZER" in image_type:
+        return "a localizer (scout) series, not a CT volume"
+    if sop_class.startswith(SECONDARY_CAPTURE_PREFIX):
+        return "a secondary capture (screenshot), not a CT volume"
+    if image_type and image_type[0] == "DERIVED":
+        return f"a derived image series (ImageType {'/'.join(image_type)}), not original CT"
+    if modality and modality != "CT":
+        return f"modality {modality}, expected CT"
+    return None
+
+
+def load_dicom_series(series: DicomSeries) -> CTVolume:
+    """Read one series into a canonical :class:`CTVolume` (see the module docstring for what is refused).
+
+    Raises:
+        CTFileError: naming the series folder (and the slice file) and the problem.
+    """
+    pydicom = _pydicom()
+    name = series.name
+    if series.skip_reason:
+        raise SkippedSeries(name, series.skip_reason)
+    if series.error:
+        raise CTFileError(name, series.error)
+    if len(series.files) < 2:
+        only = f" ({series.files[0].name})" if series.files else ""
+        raise CTFileError(name, f"a single 2D slice{only}, expected a series of slices forming a 3D volume")
+
+    headers = []
+    for path in series.files:
+        try:
+            headers.append(pydicom.dcmread(path, stop_before_pixels=True))
+        except Exception as err:
+            raise CTFileError(path, f"not a readable DICOM file ({err})") from err
+    geometry = [_slice_geometry(path, header) for path, header in zip(series.files, headers)]
+    order = _check_grid(name, series.files, geometry)
+
+    first, last = geometry[order[0]], geometry[order[-1]]
+    row_cosines, column_cosines = first.orientation[:3], first.orientation[3:]
+    row_spacing, column_spacing = first.pixel_spacing
+    affine_lps = np.eye(4)
+    affine_lps[:3, 0] = row_cosines * column_spacing  # i: column index, along the row direction
+    affine_lps[:3, 1] = column_cosines * row_spacing  # j: row index, along the column direction
+    affine_lps[:3, 2] = (last.position - first.position) / (len(order) - 1)
+    affine_lps[:3, 3] = first.position
+    affine = _LPS_TO_RAS @ affine_lps
+
+    rows, columns = first.size
+    integral = all(float(g.slope).is_integer() and float(g.intercept).is_integer() for g in geometry)
+    # Fortran order: each slice (i, j) is one contiguous block, filled in one copy.
+    data = np.empty((columns, rows, len(order)), dtype=np.int32 if integral else np.float32, order="F")
+    for k, index in enumerate(order):
+        path, g = series.files[index], geometry[index]
+        pixels = _pixels(pydicom, path)
+        if pixels.shape != (rows, columns):
+            raise CTFileError(path, f"pixel data has shape {pixels.shape}, expected (Rows, Columns) = "
+                                    f"{(rows, columns)}")
+        if integral:
+            data[:, :, k] = (pixels.astype(np.int32) * int(g.slope) + int(g.intercept)).T
+        else:
+            data[:, :, k] = (pixels.astype(np.float64) * g.slope + g.intercept).T
+    image = nib.Nifti1Image(data, affine)
+    image.header.set_qform(affine, code=1)  # scanner coordinates
+    image.header.set_sform(affine, code=1)
+    return ct_from_image(image, name)
+
+
+@dataclass
+class _SliceGeometry:
+    position: np.ndarray  # ImagePositionPatient, mm (LPS)
+    orientation: np.ndarray  # ImageOrientationPatient: row then column direction cosines
+    pixel_spacing: tuple[float, float]  # (between rows, between columns), mm
+    size: tuple[int, int]  # (Rows, Columns)
+    slope: float
+    intercept: float
+
+
+def _slice_geometry(path: Path, header) -> _SliceGeometry:
+    frames = int(header.get("NumberOfFrames", 1) or 1)
+    if frames > 1:
+        raise CTFileError(path, f"a multi-frame file ({frames} frames); only single-frame slice series are read")
+    missing = [tag for tag in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns")
+               if header.get(tag) is None]
+    if missing:
+        raise CTFileError(path, f"lacks {', '.join(missing)}: the slice's geometry is unknown")
+    samples = int(header.get("SamplesPerPixel", 1))
+    photometric = str(header.get("PhotometricInterpretation", "MONOCHROME2"))
+    if samples != 1 or photometric != "MONOCHROME2":
+        raise CTFileError(path, f"{photometric} with {samples} sample(s) per pixel; CT slices are MONOCHROME2")
+    tilt = float(header.get("GantryDetectorTilt", 0) or 0)
+    if abs(tilt) > 1e-3:
+        raise CTFileError(path, f"gantry tilt of {tilt:g} degrees: the slices do not form a rectangular grid "
+                                "(resample the series to an untilted grid first)")
+    return _SliceGeometry(
+        position=np.array([float(v) for v in header.ImagePositionPatient]),
+        orientation=np.array([float(v) for v in header.ImageOrientationPatient]),
+        pixel_spacing=(float(header.PixelSpacing[0]), float(header.PixelSpacing[1])),
+        size=(int(header.Rows), int(header.Columns)),
+        slope=float(header.get("RescaleSlope", 1) or 1),
+        intercept=float(header.get("RescaleIntercept", 0) or 0),
+    )
+
+
+def _check_grid(name: str, files: list[Path], geometry: list[_SliceGeometry]) -> list[int]:
+    """The slice order along the normal; errors for anything but a regular grid."""
+    reference = geometry[0]
+    for path, g in zip(files, geometry):
+        if np.abs(g.orientation - reference.orientation).max() > _ORIENTATION_TOLERANCE:
+            raise CTFileError(name, f"mixed orientations: {files[0].name} has ImageOrientationPatient "
+                                    f"{_fmt(reference.orientation)} but {path.name} has {_fmt(g.orientation)}")
+        if g.size != reference.size or not np.allclose(g.pixel_spacing, reference.pixel_spacing, rtol=1e-4):
+            raise CTFileError(name, f"slices differ in size: {files[0].name} is {reference.size} pixels of "
+                                    f"{reference.pixel_spacing} mm, {path.name} is {g.size} of {g.pixel_spacing} mm")
+    normal = np.cross(reference.orientation[:3], reference.orientation[3:])
+    along = np.array([g.position @ normal for g in geometry])
+    order = [int(i) for i in np.argsort(along, kind="stable")]
+    steps = np.diff(along[order])
+    for k, step in enumerate(steps):
+        if step < 1e-3:
+            a, b = files[order[k]].name, files[order[k + 1]].name
+            raise CTFileError(name, f"two slices at the same position ({along[order[k]]:.3f} mm along the normal): "
+                                    f"{a} and {b}")
+    step = float(np.median(steps))
+    for k, gap in enumerate(steps):
+        if gap > _GAP_FACTOR * step:
+            a, b = files[order[k]].name, files[order[k + 1]].name
+            raise CTFileError(name, f"missing slices: a gap of {gap:.3f} mm between {a} and {b} where the slice "
+                                    f"spacing is {step:.3f} mm (about {round(gap / step) - 1} slice(s) missing)")
+    if np.abs(steps - step).max() > _SPACING_TOLERANCE * step:
+        raise CTFileError(name, f"non-uniform slice spacing: steps from {steps.min():.3f} to {steps.max():.3f} mm "
+                                f"(median {step:.3f} mm); resample the series to a uniform grid first")
+    drift = geometry[order[-1]].position - geometry[order[0]].position
+    sideways = np.linalg.norm(drift - (drift @ normal) * normal) / (along[order[-1]] - along[order[0]])
+    if sideways > _SHEAR_TOLERANCE:
+        raise CTFileError(name, f"gantry tilt: slice positions drift {sideways:.3f} mm sideways per mm along the "
+                                "slice normal, so the slices do not form a rectangular grid")
+    return order
+
+
+def _pixels(pydicom, path: Path) -> np.ndarray:
+    """The stored values of one slice; a clear error when its transfer syntax cannot be decoded."""
+    import pydicom.pixels
+
+    try:
+        dataset = pydicom.dcmread(path)
+    except Exception as err:
+        raise CTFileError(path, f"not a readable DICOM file ({err})") from err
+    syntax = dataset.file_meta.get("TransferSyntaxUID")
+    try:
+        return dataset.pixel_array
+    except Exception as err:
+        if syntax is None or not syntax.is_compressed:
+            raise CTFileError(path, f"pixel data cannot be read ({err})") from err
+        what = f"pixel data in the compressed transfer syntax '{syntax.name}' ({syntax}) cannot be decoded"
+        try:
+            decoder = pydicom.pixels.get_decoder(syntax)
+        except NotImplementedError:
+            decoder = None
+        if decoder is None or not decoder.is_available:
+            options = "; ".join(decoder.missing_dependencies) if decoder is not None else "none known to pydicom"
+            raise CTFileError(path, f"{what}: no decoder for it is installed (install one of: {options}), or "
+                                    "decompress the series first (gdcmconv --raw)") from err
+        detail = str(err).strip().splitlines()[-1].strip()
+        raise CTFileError(path, f"{what}: the installed decoders failed ({detail}): damaged pixel data?") from err
+
+
+def _fmt(values: np.ndarray) -> str:
+    return "[" + ", ".join(f"{v:.4g}" for v in values) + "]"
