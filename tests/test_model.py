@@ -205,3 +205,37 @@ def test_fsq_from_a_recipe_override(tmp_path):
     x = _volume(1, (8, 16, 16))
     with torch.no_grad():
         assert torch.equal(loaded(x).sample, model(x).sample)
+
+
+def test_fsq_trains_through_the_loop(tmp_path):
+    """`model.overrides.quantizer_type=fsq` trains: the loss falls through the straight-through rounding."""
+    import csv
+
+    from pathlib import Path
+
+    from ctpa_vq.training import load_config, train
+
+    demo = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+    config = load_config(
+        demo,
+        [
+            "model.overrides.quantizer_type=fsq",
+            "dataset.phantoms=3",
+            "dataset.phantom_shape=[24,48,48]",
+            "dataset.patch_size=[16,32,32]",
+            "dataset.patches_per_volume=2",
+            "training.batch_size=2",
+            "training.max_steps=3",
+            "training.checkpoint_every=3",
+            "training.validate_every=3",
+            "training.log_every=1",
+            "training.val_patch_size=[16,32,32]",
+            f"training.output_dir={tmp_path / 'run'}",
+        ],
+    )
+    result = train(config)
+    with (tmp_path / "run" / "metrics.csv").open() as f:
+        l1 = [float(row["l1"]) for row in csv.DictReader(f) if row.get("l1")]
+    assert len(l1) == 3 and l1[-1] < l1[0]
+    loaded = VQGAN3D.from_pretrained(result.final_dir / "vqgan")
+    assert loaded.config.quantizer_type == "fsq" and loaded.config.vq_embed_dim == 4
