@@ -1,4 +1,5 @@
-"""Under torch.distributed (2 CPU processes, gloo) every replica holds the same codebook."""
+"""Under torch.distributed (2 CPU processes, gloo): dead codes restart identically on every
+replica, and 2 processes with B samples each equal 1 process with 2B."""
 
 from __future__ import annotations
 
@@ -53,6 +54,7 @@ def replicas(tmp_path_factory) -> list[dict]:
     return [torch.load(out / f"rank{r}.pt") for r in range(2)]
 
 
+@pytest.mark.slow  # two fresh processes import torch and diffusers
 def test_replicas_hold_identical_codebooks_after_restarts(replicas):
     (a, b) = replicas
     assert int(a["restarts"][SHIFT_AT:].sum()) > 0, "the shifted data must force dead-code restarts"
@@ -62,6 +64,7 @@ def test_replicas_hold_identical_codebooks_after_restarts(replicas):
     assert bool(a["state"]["initialized"])
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process_with_their_global_batch(replicas):
     """The threshold and the restart candidates do not depend on how the global batch is split."""
     quantizer = _quantizer()
