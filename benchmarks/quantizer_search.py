@@ -71,7 +71,8 @@ def main() -> None:
     for name, r in results.items():
         print(f"  {name:8s} peak RSS above inputs {r['peak_mb']:8.0f} MB   {r['seconds']:.3f} s")
     print(f"  same indices: {full['checksum'] == chunked['checksum']}")
-    print(f"  chunked / full: memory {chunked['peak_mb'] / full['peak_mb']:.3f}, time {chunked['seconds'] / full['seconds']:.2f}")
+    memory, speed = chunked["peak_mb"] / full["peak_mb"], chunked["seconds"] / full["seconds"]
+    print(f"  chunked / full: memory {memory:.3f}, time {speed:.2f}")
 
 
 if __name__ == "__main__":

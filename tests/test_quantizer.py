@@ -59,7 +59,8 @@ def test_restarted_codes_are_not_restarted_again_on_the_next_step():
         history.append(restarted)
     assert any(r.any() for r in history), "the shifted data must starve some codes into restarts"
     for step, (a, b) in enumerate(zip(history, history[1:])):
-        assert not (a & b).any(), f"codes {torch.nonzero(a & b).flatten().tolist()} restarted at steps {step}, {step + 1}"
+        twice = torch.nonzero(a & b).flatten().tolist()
+        assert not twice, f"codes {twice} restarted at steps {step} and {step + 1}"
 
 
 def _quantizer_with_counts(counts: torch.Tensor, codebook: torch.Tensor, threshold: float) -> EMAVectorQuantizer:

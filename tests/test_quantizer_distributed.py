@@ -34,7 +34,8 @@ def _replica(rank: int, world_size: int, port: int, out_dir: str) -> None:
         torch.manual_seed(100 + rank)  # different global RNG per rank: nothing may depend on it
         quantizer = _quantizer()
         restarts = [quantizer(_data(step, rank)).restarted_codes for step in range(STEPS)]
-        torch.save({"state": quantizer.state_dict(), "restarts": torch.stack(restarts)}, os.path.join(out_dir, f"rank{rank}.pt"))
+        result = {"state": quantizer.state_dict(), "restarts": torch.stack(restarts)}
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 

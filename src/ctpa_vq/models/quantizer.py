@@ -121,7 +121,8 @@ class EMAVectorQuantizer(nn.Module):
         super().__init__()
         if not 0.0 <= dead_code_threshold < 1.0:
             raise ValueError(
-                f"dead_code_threshold is a share of the mean code count and must be in [0, 1), got {dead_code_threshold}"
+                "dead_code_threshold is a share of the mean code count and must be in [0, 1), "
+                f"got {dead_code_threshold}"
             )
         self.num_codes = num_codes
         self.code_dim = code_dim
@@ -205,7 +206,10 @@ class EMAVectorQuantizer(nn.Module):
         return dead.sum()
 
     def _worst_represented(self, flat: torch.Tensor, min_distances: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Up to K latents farthest from their nearest code, over all processes: `(K, C)` worst first, and how many are real.
+        """The K latents farthest from their nearest code, over all processes.
+
+        Returns `(K, C)` latents, worst first, and how many of them are real (fewer when the
+        global batch has fewer than K latents; the rest is padding).
 
         Each process offers its own K worst (padded with -inf scores when it has fewer latents);
         the K worst of all offers are the K worst of the global batch.
