@@ -25,8 +25,7 @@ def _volume(batch: int = 2, shape=(16, 32, 32), seed: int = 0) -> torch.Tensor:
 def trained_model(request) -> VQGAN3D:
     """A tiny model whose codebook has seen data (EMA updates), then in eval mode."""
     torch.manual_seed(0)
-    overrides = {"quantizer_type": "fsq", "vq_embed_dim": 4} if request.param == "fsq" else {}
-    model = VQGAN3D.from_preset("tiny", **overrides)
+    model = VQGAN3D.from_preset("tiny", quantizer_type=request.param)
     model.train()
     for step in range(3):
         model(_volume(seed=step))
@@ -135,7 +134,7 @@ def test_latent_scaling_uses_stored_statistics(tmp_path):
 
 def test_gradient_checkpointing_gives_same_gradients():
     torch.manual_seed(0)
-    model = VQGAN3D.from_preset("tiny", quantizer_type="fsq", vq_embed_dim=4)
+    model = VQGAN3D.from_preset("tiny", quantizer_type="fsq")
     x = _volume(1, (8, 16, 16))
 
     def input_grad() -> torch.Tensor:
@@ -178,3 +177,65 @@ def test_ctpa_512_preset_size():
     params = sum(p.numel() for p in model.parameters())
     assert 30e6 < params < 45e6
     assert model.latent_shape((128, 256, 256)) == (8, 32, 64, 64)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "ctpa-512"])
+def test_fsq_preset_takes_its_code_dimension_from_the_levels(preset):
+    model = VQGAN3D.from_preset(preset, quantizer_type="fsq")
+    assert model.config.vq_embed_dim == len(model.config.fsq_levels) == model.quantizer.code_dim == 4
+    assert model.latent_shape((16, 32, 32)) == (4, 4, 8, 8)
+    six = VQGAN3D.from_preset(preset, quantizer_type="fsq", fsq_levels=(8, 8, 8, 5, 5, 5))
+    assert six.config.vq_embed_dim == 6 and six.quantizer.num_codes == 64000
+
+
+def test_fsq_with_a_contradicting_code_dimension_raises():
+    with pytest.raises(ValueError, match="vq_embed_dim.*fsq_levels"):
+        VQGAN3D.from_preset("tiny", quantizer_type="fsq", vq_embed_dim=8)
+
+
+def test_fsq_from_a_recipe_override(tmp_path):
+    from ctpa_vq.training import load_config
+
+    config = load_config(overrides=["model.preset=tiny", "model.overrides.quantizer_type=fsq"])
+    model = VQGAN3D.from_preset(config.model.preset, **config.model.overrides).eval()
+    assert model.config.quantizer_type == "fsq"
+    model.save_pretrained(tmp_path)
+    loaded = VQGAN3D.from_pretrained(tmp_path).eval()
+    assert _plain(loaded.config) == _plain(model.config)
+    x = _volume(1, (8, 16, 16))
+    with torch.no_grad():
+        assert torch.equal(loaded(x).sample, model(x).sample)
+
+
+def test_fsq_trains_through_the_loop(tmp_path):
+    """`model.overrides.quantizer_type=fsq` trains: the loss falls through the straight-through rounding."""
+    import csv
+
+    from pathlib import Path
+
+    from ctpa_vq.training import load_config, train
+
+    demo = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+    config = load_config(
+        demo,
+        [
+            "model.overrides.quantizer_type=fsq",
+            "dataset.phantoms=3",
+            "dataset.phantom_shape=[24,48,48]",
+            "dataset.patch_size=[16,32,32]",
+            "dataset.patches_per_volume=2",
+            "training.batch_size=2",
+            "training.max_steps=3",
+            "training.checkpoint_every=3",
+            "training.validate_every=3",
+            "training.log_every=1",
+            "training.val_patch_size=[16,32,32]",
+            f"training.output_dir={tmp_path / 'run'}",
+        ],
+    )
+    result = train(config)
+    with (tmp_path / "run" / "metrics.csv").open() as f:
+        l1 = [float(row["l1"]) for row in csv.DictReader(f) if row.get("l1")]
+    assert len(l1) == 3 and l1[-1] < l1[0]
+    loaded = VQGAN3D.from_pretrained(result.final_dir / "vqgan")
+    assert loaded.config.quantizer_type == "fsq" and loaded.config.vq_embed_dim == 4

@@ -15,6 +15,8 @@ from ..intensity import DEFAULT_HU_WINDOW
 from .blocks import Decoder3D, Encoder3D, stage_strides
 from .quantizer import EMAVectorQuantizer, FiniteScalarQuantizer, QuantizerOutput
 
+DEFAULT_FSQ_LEVELS = (8, 5, 5, 5)
+
 
 @dataclass
 class VQGAN3DOutput(BaseOutput):
@@ -49,8 +51,10 @@ class VQGAN3D(ModelMixin, ConfigMixin):
         latent_channels: channels of the encoder's output before the 1x1x1 pre-quant conv.
         quantizer_type: `"ema"` (EMA codebook) or `"fsq"` (finite scalar quantization).
         num_vq_embeddings / vq_embed_dim: codebook size and code dimension (EMA).
-        fsq_levels: levels per channel (FSQ); `vq_embed_dim` must equal `len(fsq_levels)`.
-        commitment_weight / ema_decay / dead_code_threshold: EMA quantizer settings.
+        fsq_levels: levels per channel (FSQ); `vq_embed_dim` must equal `len(fsq_levels)`
+            (`from_preset` sets it so when FSQ is asked for without an explicit `vq_embed_dim`).
+        commitment_weight / ema_decay / dead_code_threshold: EMA quantizer settings; the threshold
+            is a share in [0, 1) of the mean code count (see `EMAVectorQuantizer`).
         norm_num_groups: GroupNorm groups.
         hu_window: (low, high) HU mapped to [-1, 1]; how outputs turn back into HU.
         latents_mean / latents_std: per-channel statistics of the continuous latents that a
@@ -73,10 +77,10 @@ class VQGAN3D(ModelMixin, ConfigMixin):
         quantizer_type: str = "ema",
         num_vq_embeddings: int = 1024,
         vq_embed_dim: int = 8,
-        fsq_levels: Sequence[int] = (8, 5, 5, 5),
+        fsq_levels: Sequence[int] = DEFAULT_FSQ_LEVELS,
         commitment_weight: float = 0.25,
         ema_decay: float = 0.99,
-        dead_code_threshold: float = 1.0,
+        dead_code_threshold: float = 0.05,
         norm_num_groups: int = 8,
         hu_window: Sequence[float] = DEFAULT_HU_WINDOW,
         latents_mean: Sequence[float] | None = None,
@@ -94,7 +98,10 @@ class VQGAN3D(ModelMixin, ConfigMixin):
             )
         elif quantizer_type == "fsq":
             if len(fsq_levels) != vq_embed_dim:
-                raise ValueError(f"FSQ needs vq_embed_dim == len(fsq_levels), got {vq_embed_dim} and {fsq_levels}")
+                raise ValueError(
+                    f"FSQ needs vq_embed_dim == len(fsq_levels), got vq_embed_dim={vq_embed_dim} and "
+                    f"fsq_levels={tuple(fsq_levels)} (leave vq_embed_dim out to have it follow the levels)"
+                )
             self.quantizer = FiniteScalarQuantizer(fsq_levels)
         else:
             raise ValueError(f"quantizer_type must be 'ema' or 'fsq', got {quantizer_type!r}")
@@ -105,12 +112,19 @@ class VQGAN3D(ModelMixin, ConfigMixin):
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "VQGAN3D":
-        """A freshly initialised model from a named preset (`tiny`, `small`, `ctpa-512`)."""
+        """A freshly initialised model from a named preset (`tiny`, `ctpa-512`).
+
+        With `quantizer_type="fsq"` and no explicit `vq_embed_dim`, the code dimension follows
+        `fsq_levels` (one channel per level); an explicit contradicting pair raises.
+        """
         from .presets import PRESETS
 
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-        return cls(**{**PRESETS[name], **overrides})
+        config = {**PRESETS[name], **overrides}
+        if config.get("quantizer_type") == "fsq" and "vq_embed_dim" not in overrides:
+            config["vq_embed_dim"] = len(config.get("fsq_levels", DEFAULT_FSQ_LEVELS))
+        return cls(**config)
 
     # ----------------------------------------------------------------------------- shapes
 
@@ -126,11 +140,16 @@ class VQGAN3D(ModelMixin, ConfigMixin):
         return (self.config.vq_embed_dim, *(s // f for s, f in zip(spatial, factor)))
 
     def _check_input(self, x: torch.Tensor, channels: int, what: str) -> None:
+        """Shape checks always; the NaN/Inf scan only in eval mode (it waits for the device).
+
+        Training data are checked where they enter (NIfTI reading, `ctpa-vq prepare`), so a
+        training step never synchronises the host.
+        """
         if x.ndim != 5:
             raise ValueError(f"{what} must be (B, C, D, H, W), got a {x.ndim}D tensor of shape {tuple(x.shape)}")
         if x.shape[1] != channels:
             raise ValueError(f"{what} must have {channels} channel(s), got shape {tuple(x.shape)}")
-        if not torch.isfinite(x).all():
+        if not self.training and not torch.isfinite(x).all():
             raise ValueError(f"{what} contains NaN or Inf values")
 
     # ----------------------------------------------------------------------------- the contract

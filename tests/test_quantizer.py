@@ -1,0 +1,145 @@
+"""The EMA codebook on one process: what a training step returns, restarts, thresholds, memory, host syncs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ctpa_vq import VQGAN3D
+from ctpa_vq.models import EMAVectorQuantizer
+
+
+def _latents(seed: int, batch: int = 2, channels: int = 4, shift: float = 0.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, channels, 4, 4, 4, generator=g) + shift
+
+
+def _flat(z: torch.Tensor) -> torch.Tensor:
+    return z.permute(0, 2, 3, 4, 1).reshape(-1, z.shape[1])
+
+
+def _codes_equal_to_a_latent(codebook: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    """`(K,)` bool: codes that are exactly one of the batch's latent vectors (i.e. were just restarted)."""
+    return (codebook[:, None, :] == flat[None, :, :]).all(-1).any(-1)
+
+
+def test_z_q_is_the_code_that_was_chosen():
+    """z_q comes from the codebook the indices were chosen in, not the one the EMA update moved."""
+    torch.manual_seed(0)
+    quantizer = EMAVectorQuantizer(num_codes=32, code_dim=4, decay=0.9, dead_code_threshold=0.9).train()
+    quantizer(_latents(0))  # initialises the codebook
+    for step in range(1, 4):
+        codebook = quantizer.embedding.clone()
+        z = _latents(step, shift=0.3 * step)
+        out = quantizer(z)
+        flat, flat_q = _flat(z), _flat(out.z_q)
+        expected = torch.cdist(flat.double(), codebook.double()).min(dim=1)
+        assert torch.equal(flat_q, codebook[out.indices.flatten()])
+        assert torch.allclose((flat - flat_q).norm(dim=1).double(), expected.values, atol=1e-5)
+        assert torch.equal(out.indices.flatten(), expected.indices)
+        assert not torch.equal(quantizer.embedding, codebook), "the step must still update the codebook"
+        assert int(_codes_equal_to_a_latent(quantizer.embedding, flat).sum()) > 0, "this test wants restarts"
+
+
+def test_restarted_codes_are_not_restarted_again_on_the_next_step():
+    """Steady data with 512 latents on 16 codes (32 per code), then the data moves far away from
+    part of the codebook: those codes starve and are restarted, but never twice in a row and
+    never most of the codebook at once."""
+    torch.manual_seed(0)
+    quantizer = EMAVectorQuantizer(num_codes=16, code_dim=4, decay=0.8, dead_code_threshold=0.5).train()
+    for step in range(30):
+        quantizer(_latents(step, batch=8))
+    history = []
+    for step in range(20):
+        z = _latents(100 + step, batch=8, shift=4.0)
+        before = quantizer.embedding.clone()
+        quantizer(z)
+        restarted = (quantizer.embedding != before).any(1) & _codes_equal_to_a_latent(quantizer.embedding, _flat(z))
+        assert int(restarted.sum()) <= quantizer.num_codes // 2, f"step {step}: {int(restarted.sum())} restarts"
+        history.append(restarted)
+    assert any(r.any() for r in history), "the shifted data must starve some codes into restarts"
+    for step, (a, b) in enumerate(zip(history, history[1:])):
+        twice = torch.nonzero(a & b).flatten().tolist()
+        assert not twice, f"codes {twice} restarted at steps {step} and {step + 1}"
+
+
+def _quantizer_with_counts(counts: torch.Tensor, codebook: torch.Tensor, threshold: float) -> EMAVectorQuantizer:
+    quantizer = EMAVectorQuantizer(*codebook.shape, decay=0.9, dead_code_threshold=threshold).train()
+    with torch.no_grad():
+        quantizer.embedding.copy_(codebook)
+        quantizer.embed_sum.copy_(codebook * counts[:, None])
+        quantizer.cluster_size.copy_(counts)
+        quantizer.initialized.fill_(True)
+    return quantizer
+
+
+def test_restarted_count_is_the_mean_count_not_one():
+    """With ~32 latents per code a restart must not hand out a count of 1 (dead again at once)."""
+    g = torch.Generator().manual_seed(1)
+    codebook = torch.randn(16, 4, generator=g)
+    counts = torch.full((16,), 32.0)
+    counts[:3] = 0.0  # three starved codes
+    quantizer = _quantizer_with_counts(counts, codebook, threshold=0.5)
+    z = _latents(99, batch=8)
+    z[:, :, 0, 0, 0] = 50.0  # far outliers: the restart targets
+    quantizer(z)
+    restarted = _codes_equal_to_a_latent(quantizer.embedding, _flat(z))
+    assert restarted[:3].all() and not restarted[3:].any()
+    mean = quantizer.cluster_size[3:].mean()
+    assert torch.all(quantizer.cluster_size[:3] > 0.5 * mean)
+
+
+def test_dead_codes_do_not_depend_on_the_batch_size():
+    """Counts that scale with the global batch (2 processes see twice the latents of 1) mark the
+    same codes dead: the threshold is a share of the mean count, not an absolute count."""
+    g = torch.Generator().manual_seed(2)
+    codebook = torch.randn(16, 4, generator=g)
+    counts = torch.linspace(0.3, 16.0, 16)
+    z = _latents(5, batch=2)
+
+    def step(scale: int) -> tuple[torch.Tensor, torch.Tensor]:
+        quantizer = _quantizer_with_counts(counts * scale, codebook, threshold=0.3)
+        quantizer(torch.cat([z] * scale))
+        return _codes_equal_to_a_latent(quantizer.embedding, _flat(z)), quantizer.cluster_size
+
+    (dead_1, counts_1), (dead_2, counts_2) = step(1), step(2)
+    assert dead_1.any()
+    assert torch.equal(dead_1, dead_2)
+    assert torch.allclose(counts_1 * 2, counts_2, rtol=1e-5)
+
+
+def test_threshold_outside_zero_one_is_refused():
+    with pytest.raises(ValueError, match="dead_code_threshold"):
+        EMAVectorQuantizer(num_codes=8, code_dim=4, dead_code_threshold=2.0)
+
+
+@pytest.mark.parametrize("budget_bytes", [4 * 50 * 7, 4 * 50 * 1000])
+def test_chunked_nearest_codes_equal_the_full_matrix(budget_bytes):
+    from ctpa_vq.models.quantizer import nearest_codes
+
+    g = torch.Generator().manual_seed(3)
+    flat, codebook = torch.randn(1000, 8, generator=g), torch.randn(50, 8, generator=g)
+    exact = torch.cdist(flat.double(), codebook.double())
+    distances, indices = nearest_codes(flat, codebook, budget_bytes=budget_bytes)
+    assert torch.equal(indices, exact.argmin(dim=1))
+    assert torch.allclose(distances.double(), exact.min(dim=1).values.square(), atol=1e-4)
+
+
+def test_training_step_never_waits_for_the_device(monkeypatch):
+    """A training forward + backward of the tiny model makes no host synchronisation."""
+    torch.manual_seed(0)
+    model = VQGAN3D.from_preset("tiny").train()
+    x = torch.rand(1, 1, 16, 32, 32) * 2 - 1
+    calls = []
+    for name in ("item", "__bool__", "__int__", "__float__", "__index__", "tolist", "cpu", "numpy"):
+        real = getattr(torch.Tensor, name)
+
+        def counting(self, *args, _real=real, _name=name, **kwargs):
+            calls.append(_name)
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    for _ in range(2):  # the first step initialises the codebook, the second is a plain step
+        out = model(x)
+        (out.sample.square().mean() + out.commitment_loss).backward()
+    assert calls == []
