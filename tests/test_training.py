@@ -78,6 +78,11 @@ def _metric_steps(out: Path) -> list[int]:
         return [int(row["step"]) for row in csv.DictReader(f) if row["loss"]]
 
 
+def _rows(out: Path) -> list[dict]:
+    with (out / "metrics.csv").open() as f:
+        return [row for row in csv.DictReader(f) if row["loss"]]
+
+
 def _assert_same_state(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     for key in a:
@@ -126,14 +131,19 @@ def test_discriminator_is_not_updated_before_its_start(tmp_path):
 
 @pytest.mark.slow
 def test_resume_on_another_world_size_and_back(tmp_path):
-    out = tmp_path / "run"
+    uninterrupted, out = tmp_path / "uninterrupted", tmp_path / "run"
+    _run(uninterrupted, 1, "training.checkpoint_every=1")
     _run(out, 1, "training.stop_at_step=2", "training.checkpoint_every=1")
-    proc = _run(out, 2, "training.stop_at_step=4", "training.checkpoint_every=1", resume="latest")
+    # Two processes of batch 1 take the same global batches as one process of batch 2.
+    proc = _run(out, 2, "training.stop_at_step=4", "training.checkpoint_every=1", "training.batch_size=1", resume="latest")
     assert "resuming a 1-process checkpoint on 2 processes" in proc.stdout + proc.stderr
     _assert_same_state(*(load_file(out / f"replica-{r}.safetensors") for r in range(2)))
     _run(out, 1, "training.checkpoint_every=1", resume="latest")
     assert _metric_steps(out) == [1, 2, 3, 4, 5, 6]
     assert (out / "final" / "vqgan" / "diffusion_pytorch_model.safetensors").is_file()
+    # The schedules and the data position at every step are those of the uninterrupted run.
+    keys = ("step", "lr", "d_lr", "samples_seen", "epoch")
+    assert [[r[k] for k in keys] for r in _rows(out)] == [[r[k] for k in keys] for r in _rows(uninterrupted)]
 
 
 @pytest.mark.slow

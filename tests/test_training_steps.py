@@ -338,3 +338,13 @@ def test_tf32_on_cuda_by_default_and_deterministic_on_request():
     finally:
         torch.use_deterministic_algorithms(False)
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def test_validation_and_the_best_export_leave_the_model_training(prepared, tmp_path):
+    config = _config(prepared, tmp_path, "training.val_patch_size=[16,32,32]", "training.validate_every=1")
+    parts = build_training(config, Accelerator(cpu=True))
+    parts.output_dir.mkdir(parents=True)
+    _take_step(parts, _batch(parts, 2), 0)
+    on_sync(parts, MetricWindow(), MetricsLogger(parts.accelerator, tmp_path / "metrics.csv"), 0, last_step=100)
+    assert (parts.output_dir / "best" / "model_index.json").is_file()
+    assert parts.model.training and parts.model.quantizer.training

@@ -8,8 +8,8 @@ untouched and `latest` never resolves to a half-written one.
 Pruning keeps the newest `keep` (>= 1) checkpoints, and never deletes the one the run resumed
 from: resuming from an older checkpoint to branch off must not destroy it.
 
-`CTPA_VQ_TEST_SLEEP_IN_SAVE=SECONDS` makes every save sleep after its files are written and
-before the rename: the tests use it to kill a run inside that window.
+`CTPA_VQ_TEST_SLEEP_IN_SAVE=SECONDS[@STEP]` makes the save (of step STEP only, if given) sleep
+after its files are written and before the rename: the tests use it to kill a run in that window.
 """
 
 from __future__ import annotations
@@ -65,8 +65,7 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         fsync_tree(partial)
-        if os.environ.get(SLEEP_IN_SAVE_ENV):
-            time.sleep(float(os.environ[SLEEP_IN_SAVE_ENV]))
+        _sleep_for_tests(step)
         shutil.rmtree(final, ignore_errors=True)
         partial.rename(final)
         keep_also = protected.resolve() if protected is not None else None
@@ -76,3 +75,9 @@ def save_checkpoint(
         fsync_dir(root)
     accelerator.wait_for_everyone()
     return final
+
+
+def _sleep_for_tests(step: int) -> None:
+    seconds, _, only_step = os.environ.get(SLEEP_IN_SAVE_ENV, "").partition("@")
+    if seconds and (not only_step or int(only_step) == step):
+        time.sleep(float(seconds))

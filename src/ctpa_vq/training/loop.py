@@ -131,7 +131,8 @@ def on_sync(
     training, step = parts.config.training, parts.state.step
     if step % training.log_every == 0 or step == last_step:
         row = window.row(parts.accelerator)
-        row.update(epoch=epoch, lr=parts.sched_g.get_last_lr()[0], skipped_steps=parts.guard.check())
+        row.update(epoch=epoch, samples_seen=parts.state.samples_seen, lr=parts.sched_g.get_last_lr()[0])
+        row["skipped_steps"] = parts.guard.check()
         if parts.sched_d is not None:
             row["d_lr"] = parts.sched_d.get_last_lr()[0]
         metrics.log(step, row)
@@ -152,16 +153,16 @@ def validate_and_export(parts: TrainingParts, metrics: MetricsLogger) -> None:
     if not len(parts.val_volumes):
         return
     unwrapped = accelerator.unwrap_model(parts.model)
-    try:  # the pipeline puts the model in eval mode; training must resume in train mode
+    try:  # the pipeline (validation and export) puts the model in eval mode; training resumes in train mode
         results = validate(
             unwrapped, parts.val_volumes, parts.config, parts.output_dir / "samples", state.step, accelerator
         )
+        metrics.log(state.step, results)
+        # The gathered results are the same on every process, and so is this decision.
+        if results["val_psnr"] > state.best_val_psnr:
+            state.best_val_psnr = results["val_psnr"]
+            if accelerator.is_main_process:
+                export_model(unwrapped, parts.output_dir / "best", parts.output_dir)
     finally:
         unwrapped.train()
-    metrics.log(state.step, results)
-    # The gathered results are the same on every process, and so is this decision.
-    if results["val_psnr"] > state.best_val_psnr:
-        state.best_val_psnr = results["val_psnr"]
-        if accelerator.is_main_process:
-            export_model(unwrapped, parts.output_dir / "best", parts.output_dir)
     accelerator.wait_for_everyone()

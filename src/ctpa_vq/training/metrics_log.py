@@ -11,7 +11,7 @@ from ..atomic import atomic_path
 
 COLUMNS = (
     "step", "epoch", "lr", "loss", "l1", "commitment", "perplexity", "codebook_usage",
-    "perceptual", "g_adversarial", "feature_matching", "d_loss", "d_lr", "skipped_steps", "patches_per_s",
+    "perceptual", "g_adversarial", "feature_matching", "d_loss", "d_lr", "skipped_steps", "samples_seen", "patches_per_s",
     "val_psnr", "val_ssim", "val_perplexity", "val_codebook_usage", "val_clipped_fraction",
 )  # fmt: skip
 
