@@ -71,3 +71,36 @@ def test_sigkill_mid_run_and_mid_checkpoint_then_resume_to_the_same_parameters(t
     assert older.is_dir()
     _run(crashed, 1, *RECOVERY, "training.keep_checkpoints=1", resume=str(older))
     assert [p.name for p in (crashed / "checkpoints").iterdir()] == ["step-00000006", "step-00000008"]
+
+
+@pytest.mark.slow
+def test_validation_is_shared_across_processes_and_matches_one_process(tmp_path):
+    write_phantom_dir(tmp_path / "raw", 5, (24, 48, 48), seed=0)
+    prepare_dataset(tmp_path / "raw", tmp_path / "prepared", 0.6, None, seed=0)
+    overrides = ["training.val_patch_size=[16,32,32]", "training.val_max_volumes=null", "training.val_batch_size=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one, two = tmp_path / "one" / "metrics.json", tmp_path / "two" / "metrics.json"
+    for path in (one, two):
+        path.parent.mkdir()
+    subprocess.run(
+        [sys.executable, str(VALIDATE_SCRIPT), str(tmp_path / "prepared"), str(one), *overrides],
+        check=True, env=env, capture_output=True, timeout=600,
+    )  # fmt: skip
+    launch = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate_configs" / "cpu.yaml"),
+        "--num_processes", "2", "--main_process_port", str(_free_port()),
+    ]  # fmt: skip
+    proc = subprocess.run(
+        [*launch, str(VALIDATE_SCRIPT), str(tmp_path / "prepared"), str(two), *overrides],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    single, sharded = json.loads(one.read_text()), json.loads(two.read_text())
+    assert single.pop("processes") == 1 and sharded.pop("processes") == 2
+    assert single["volumes"] == 3, "the test needs more validation volumes than processes"
+    assert sharded == pytest.approx(single, rel=1e-12, abs=1e-12)
+    assert (tmp_path / "two" / "samples" / "step-00000000.png").is_file()
+    shares = [json.loads((tmp_path / "two" / f"scored-{rank}.json").read_text()) for rank in range(2)]
+    assert [len(share) for share in shares] == [2, 1] and sorted(shares[0] + shares[1]) == sorted(
+        json.loads((tmp_path / "one" / "scored-0.json").read_text())
+    )
