@@ -322,6 +322,13 @@ def test_process_group_timeout_and_keep_checkpoints_come_from_the_recipe(tmp_pat
     assert load_config(DEMO).training.val_max_volumes == 4
 
 
+def test_compile_asks_accelerate_for_inductor(tmp_path):
+    assert build_accelerator(load_config(DEMO, [f"training.output_dir={tmp_path}"])).state.dynamo_plugin.backend.value == "NO"
+    AcceleratorState._reset_state(reset_partial_state=True)
+    config = load_config(DEMO, ["training.compile=true", f"training.output_dir={tmp_path}"])
+    assert build_accelerator(config).state.dynamo_plugin.backend.value == "INDUCTOR"
+
+
 def test_tf32_on_cuda_by_default_and_deterministic_on_request():
     config = load_config(DEMO)
     saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
