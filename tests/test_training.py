@@ -54,7 +54,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(out: Path, processes: int, *overrides: str, resume: str | None = None) -> subprocess.CompletedProcess:
+def _run(
+    out: Path, processes: int, *overrides: str, resume: str | None = None, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """Train via the dump script: plain python for 1 process, `accelerate launch` (gloo) for 2."""
     script = [str(DUMP_SCRIPT), "--config", str(DEMO), *SMALL, f"training.output_dir={out}", *overrides]
     script += ["--resume", resume] if resume else []
@@ -67,7 +69,7 @@ def _run(out: Path, processes: int, *overrides: str, resume: str | None = None) 
             "--num_processes", str(processes), "--main_process_port", str(_free_port()),
             *script,
         ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, f"training failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return proc
@@ -104,6 +106,17 @@ def test_two_process_launch_keeps_replicas_identical(tmp_path):
         assert (checkpoint / name).is_file(), name
     assert (out / "final" / "model_index.json").is_file()
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_a_non_finite_loss_on_one_process_skips_the_step_on_both(tmp_path):
+    out = tmp_path / "run"
+    # Process 1's reconstruction is NaN at steps 3 and 4 (forward calls 2, 3); validation is off.
+    _run(out, 2, "training.validate_every=100", env={"CTPA_VQ_TEST_NAN": "1:2,3"})
+    _assert_same_state(*(load_file(out / f"replica-{rank}.safetensors") for rank in range(2)))
+    with (out / "metrics.csv").open() as f:
+        skipped = {int(r["step"]): int(r["skipped_steps"]) for r in csv.DictReader(f) if r["loss"]}
+    assert skipped == {1: 0, 2: 0, 3: 1, 4: 2, 5: 2, 6: 2}
 
 
 @pytest.mark.slow
