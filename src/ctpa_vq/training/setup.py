@@ -158,10 +158,10 @@ def build_training(config: TrainConfig, accelerator: Accelerator | None = None) 
         opt_d = torch.optim.AdamW(
             discriminators.parameters(), lr=gan.lr, betas=gan.betas, weight_decay=gan.weight_decay, fused=True
         )
-        sched_d = torch.optim.lr_scheduler.LambdaLR(
-            opt_d,
-            partial(critic_lr_factor, start=gan.start_step, warmup=gan.warmup_steps, total=total, floor=gan.min_lr_ratio),
+        critic_schedule = partial(
+            critic_lr_factor, start=gan.start_step, warmup=gan.warmup_steps, total=total, floor=gan.min_lr_ratio
         )
+        sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, critic_schedule)
         discriminators, opt_d = accelerator.prepare(discriminators, opt_d)
     perceptual = build_perceptual_loss(gan.perceptual_weights) if gan.perceptual_weight > 0 else None
     if perceptual is not None:

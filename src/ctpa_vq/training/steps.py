@@ -38,7 +38,9 @@ def _grad_norm_and_clip(parts: TrainingParts, module: torch.nn.Module) -> torch.
     return parts.accelerator.clip_grad_norm_(module.parameters(), max_norm)
 
 
-def generator_step(parts: TrainingParts, x: torch.Tensor, gan_on: bool, slice_generator: torch.Generator) -> GeneratorOutput:
+def generator_step(
+    parts: TrainingParts, x: torch.Tensor, gan_on: bool, slice_generator: torch.Generator
+) -> GeneratorOutput:
     """Forward and backward of the generator on `x` `(B, 1, D, H, W)`; steps `opt_g` on sync micro-batches."""
     accelerator, config, critics = parts.accelerator, parts.config, parts.critics
     gan = config.gan
@@ -51,7 +53,9 @@ def generator_step(parts: TrainingParts, x: torch.Tensor, gan_on: bool, slice_ge
         terms = {"l1": l1, "commitment": commitment.float()}
         loss = config.model.l1_weight * l1 + terms["commitment"]
         if gan_on and (parts.perceptual is not None or critics is not None):
-            real_slices, fake_slices = random_slices(x, reconstruction, n=gan.slices_per_volume, generator=slice_generator)
+            real_slices, fake_slices = random_slices(
+                x, reconstruction, n=gan.slices_per_volume, generator=slice_generator
+            )
             if parts.perceptual is not None:
                 terms["perceptual"] = parts.perceptual(fake_slices, real_slices)
                 loss = loss + gan.perceptual_weight * terms["perceptual"]
