@@ -1,4 +1,10 @@
-"""Atomic file writes: a temporary file beside the target, renamed into place on success."""
+"""Atomic, durable writes: a temporary file or folder beside the target, flushed to disk, renamed.
+
+The rename alone protects readers from half-written files while the machine stays up; after a
+power loss or a node crash the file system may still hold the new name with empty contents
+unless the data (and the folder entry) were fsynced first. Hence `fsync_tree` before a rename
+and `fsync_dir` of the parent after it.
+"""
 
 from __future__ import annotations
 
@@ -26,7 +32,32 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
+        fsync_tree(tmp)
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Flush a folder's entries (names created, renamed or removed in it) to disk."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: str | os.PathLike) -> None:
+    """Flush a file, or every file and folder under a folder (the folder itself included), to disk."""
+    path = Path(path)
+    if not path.is_dir():
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+        return
+    for folder, _, files in os.walk(path, topdown=False):
+        for name in files:
+            with open(os.path.join(folder, name), "rb") as f:
+                os.fsync(f.fileno())
+        fsync_dir(folder)

@@ -162,5 +162,8 @@ class Decoder3D(_CheckpointedStack):
         self.conv_out = nn.Conv3d(channels, out_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self._run_stages(self.conv_in(z))
-        return self.conv_out(F.silu(self.norm_out(h)))
+        h = F.silu(self.norm_out(self._run_stages(self.conv_in(z))))
+        # The output convolution runs in the weights' dtype even under autocast: a bf16 output
+        # would quantise soft tissue in steps of several HU (8 bits of mantissa over 3072 HU).
+        with torch.autocast(h.device.type, enabled=False):
+            return self.conv_out(h.to(self.conv_out.weight.dtype))

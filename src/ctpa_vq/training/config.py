@@ -41,9 +41,15 @@ class GANConfig:
     perceptual_weight: float = 0.0
     perceptual_weights: Optional[str] = None  # local .safetensors / dir, or a Hub repo id
     slices_per_volume: int = 4
-    lr: float = 3e-4
     channels: int = 64
     layers: int = 3
+    # The critics' own optimiser (AdamW) and schedule: LR 0 before `start_step`, then a linear
+    # warm-up over `warmup_steps` and a cosine decay to lr * min_lr_ratio at training.max_steps.
+    lr: float = 3e-4
+    betas: tuple[float, float] = (0.5, 0.9)
+    weight_decay: float = 0.0
+    warmup_steps: int = 500
+    min_lr_ratio: float = 0.1
 
     @property
     def uses_discriminator(self) -> bool:
@@ -76,15 +82,26 @@ class TrainingConfig:
     batch_size: int = 2
     gradient_accumulation_steps: int = 1
     checkpoint_every: int = 100
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # >= 1: the newest N are kept (and the one a run resumed from, always)
     validate_every: int = 100
     log_every: int = 10
-    val_max_volumes: Optional[int] = None
+    val_max_volumes: Optional[int] = 4  # the first N validation volumes, shared out across processes; null = all
     val_patch_size: Optional[tuple[int, int, int]] = None  # default: dataset.patch_size
     val_overlap: float = 0.25
     val_blend: str = "gaussian"
     val_batch_size: int = 4
     stop_at_step: Optional[int] = None  # end early (after checkpointing) without changing the schedule
+    max_nonfinite_steps: int = 10  # stop after this many skipped (non-finite) steps in a row
+    ddp_timeout_minutes: int = 30  # process-group timeout: a collective waits this long for the slowest process
+    compile: bool = False  # torch.compile the generator and the critics (Accelerate's dynamo backend, inductor)
+    tf32: bool = True  # TF32 matmuls and convolutions on CUDA (no effect on CPU)
+    deterministic: bool = False  # torch.use_deterministic_algorithms (slower; warns where CUDA has no such kernel)
+
+    def __post_init__(self) -> None:
+        for name in ("keep_checkpoints", "max_nonfinite_steps", "ddp_timeout_minutes", "checkpoint_every",
+                     "validate_every", "log_every", "batch_size", "gradient_accumulation_steps"):  # fmt: skip
+            if getattr(self, name) < 1:
+                raise ValueError(f"training.{name} must be >= 1, got {getattr(self, name)}")
 
 
 @dataclass

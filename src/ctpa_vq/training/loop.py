@@ -1,85 +1,32 @@
 """The Accelerate training loop: one script for 1 GPU, 4 GPUs, several nodes or CPU processes.
 
-Per optimizer step: the generator is trained on L1 + commitment (+ perceptual, adversarial
-and feature matching once `gan.start_step` is reached), then the critics on the detached
-reconstruction. Checkpoints hold everything needed to continue bit for bit on the same world
-size, and to continue on another one (the data position is kept as a global sample count).
+`train` is the set-up (`setup.py`), then per micro-batch the generator and critic steps
+(`steps.py`), then per optimizer step the on-sync work here: schedules, log, validation,
+checkpoint. Checkpoints hold everything needed to continue on the same world size (bit for bit
+on CPU; on GPUs up to the non-determinism of CUDA kernels, see `training.deterministic`) and to
+continue on another one (the data position is kept as a global sample count).
 """
 
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import asdict, dataclass
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
-from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..data.patch_dataset import RandomPatchDataset, VolumeStore
-from ..data.phantom import write_phantom_dir
-from ..data.prepare import prepare_dataset
 from ..models import VQGAN3D
-from .adversarial import Discriminators
-from .checkpoints import resolve_checkpoint, save_checkpoint
+from .checkpoints import save_checkpoint
 from .config import TrainConfig, config_to_yaml
-from .losses import build_perceptual_loss, random_slices
 from .metrics_log import MetricsLogger
+from .nonfinite import NonFiniteLossError
+from .setup import TrainingParts, build_training, resume_training
+from .steps import model_input, train_micro_batch
 from .validation import export_model, validate
 
-logger = get_logger(__name__)
-
-
-class NonFiniteLossError(FloatingPointError):
-    """A loss became NaN or Inf; the message names the step and the loss terms."""
-
-
-@dataclass
-class TrainState:
-    """Counters saved with every checkpoint (`register_for_checkpointing`)."""
-
-    step: int = 0  # optimizer steps taken
-    samples_seen: int = 0  # training patches consumed, all processes together
-    best_val_psnr: float = float("-inf")
-    world_size: int = 1
-
-    def state_dict(self) -> dict:
-        return asdict(self)
-
-    def load_state_dict(self, state: dict) -> None:
-        for key, value in state.items():
-            setattr(self, key, value)
-
-
-def _lr_factor(step: int, warmup: int, total: int, floor: float) -> float:
-    """Linear warm-up to 1, then cosine decay to `floor` at `total` steps."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def _volume_stores(config: TrainConfig, accelerator: Accelerator) -> tuple[VolumeStore, VolumeStore]:
-    """The prepared train/validation splits; with no `dataset.path`, synthetic phantoms made once."""
-    data = config.dataset
-    path = Path(data.path) if data.path else Path(config.training.output_dir) / "phantom_dataset"
-    if data.path is None:
-        with accelerator.main_process_first():
-            if accelerator.is_main_process and not path.exists():
-                raw = Path(config.training.output_dir) / "phantoms"
-                write_phantom_dir(raw, data.phantoms, data.phantom_shape, seed=config.training.seed)
-                prepare_dataset(raw, path, data.val_fraction, data.max_patients, seed=config.training.seed)
-    elif not path.exists():
-        raise FileNotFoundError(f"{path}: dataset.path does not exist (create it with `ctpa-vq prepare`)")
-    train, val = VolumeStore.from_disk(path, "train"), VolumeStore.from_disk(path, "validation")
-    if data.path is not None and data.max_patients is not None:
-        # A contiguous `select` slices the Arrow table: no copy of the volumes.
-        train = VolumeStore(train.dataset.select(range(min(data.max_patients, len(train)))))
-    return train, val
+__all__ = ["NonFiniteLossError", "TrainResult", "train"]
 
 
 @dataclass
@@ -91,199 +38,131 @@ class TrainResult:
     final_dir: Path | None  # None when the run stopped early (`training.stop_at_step`)
 
 
+class MetricWindow:
+    """Loss terms summed on the device between log steps (no host sync per step); finite micro-batches only."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.finite_batches: torch.Tensor | float = 0.0
+        self.samples = 0
+        self.started = time.perf_counter()
+
+    def add(self, terms: dict[str, torch.Tensor], samples: int) -> None:
+        finite = torch.isfinite(terms["loss"]).float()
+        for name, value in terms.items():
+            self.sums[name] = self.sums.get(name, 0) + torch.where(finite > 0, value.float(), 0.0)
+        self.finite_batches = self.finite_batches + finite
+        self.samples += samples
+
+    def row(self, accelerator) -> dict[str, float]:
+        """Means over the window and all processes (one all-reduce), then reset."""
+        names = sorted(self.sums)  # the same terms on every process
+        totals = accelerator.reduce(torch.stack([self.sums[n] for n in names] + [self.finite_batches]), "sum")
+        values = totals.tolist()
+        count = max(values[-1], 1.0)
+        row = {name: value / count for name, value in zip(names, values)}
+        row["patches_per_s"] = self.samples / (time.perf_counter() - self.started)
+        self.__init__()
+        return row
+
+
 def train(config: TrainConfig, resume: str | None = None) -> TrainResult:
     """Run (or continue) training to `training.max_steps` (or `stop_at_step`)."""
-    out = Path(config.training.output_dir)
-    accelerator = Accelerator(
-        cpu=config.training.cpu or not torch.cuda.is_available(),
-        gradient_accumulation_steps=config.training.gradient_accumulation_steps,
-        log_with="tensorboard",
-        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "tensorboard")),
-    )
-    set_seed(config.training.seed, device_specific=True)
+    parts = build_training(config)
+    accelerator, state = parts.accelerator, parts.state
+    out = parts.output_dir
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(config_to_yaml(config))
     accelerator.init_trackers("ctpa-vq")
+    resume_training(parts, resume)
 
-    train_volumes, val_volumes = _volume_stores(config, accelerator)
-    model = VQGAN3D.from_preset(config.model.preset, **config.model.overrides)
-    if config.model.gradient_checkpointing:
-        model.enable_gradient_checkpointing()
-    dataset = RandomPatchDataset(
-        train_volumes,
-        patch_size=config.dataset.patch_size,
-        patches_per_volume=config.dataset.patches_per_volume,
-        seed=config.training.seed,
-        hu_window=model.config.hu_window,
-        min_foreground_fraction=config.dataset.min_foreground_fraction,
-    )
-    loader = DataLoader(
-        dataset, batch_size=config.training.batch_size, num_workers=config.dataset.num_workers, drop_last=True
-    )
-
-    gan = config.gan
-    discriminators = Discriminators(gan.image_gan_weight, gan.video_gan_weight, gan.channels, gan.layers)
-    perceptual = build_perceptual_loss(gan.perceptual_weights) if gan.perceptual_weight > 0 else None
-    opt_g = torch.optim.AdamW(
-        model.parameters(), lr=config.model.lr, betas=config.model.betas, weight_decay=config.model.weight_decay
-    )
-    schedule = lambda step: _lr_factor(  # noqa: E731
-        step, config.model.warmup_steps, config.training.max_steps, config.model.min_lr_ratio
-    )
-    sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, schedule)
-    model, opt_g, loader = accelerator.prepare(model, opt_g, loader)
-    opt_d = sched_d = None
-    if gan.uses_discriminator:
-        opt_d = torch.optim.AdamW(discriminators.parameters(), lr=gan.lr, betas=config.model.betas)
-        sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, schedule)
-        discriminators, opt_d = accelerator.prepare(discriminators, opt_d)
-    if perceptual is not None:
-        perceptual.to(accelerator.device)
-
-    # The schedulers step once per optimizer step whatever the world size, so they are not
-    # handed to `prepare` (which would step them once per process).
-    state = TrainState(world_size=accelerator.num_processes)
-    accelerator.register_for_checkpointing(state, sched_g, *([sched_d] if sched_d else []))
-    checkpoint_root = out / "checkpoints"
-    start = resolve_checkpoint(checkpoint_root, resume)
-    if resume is not None and start is None:
-        logger.info(f"no checkpoint under {checkpoint_root} yet: starting from scratch", main_process_only=True)
-    if start is not None:
-        accelerator.load_state(str(start))
-        if state.world_size != accelerator.num_processes:
-            logger.warning(
-                f"resuming a {state.world_size}-process checkpoint on {accelerator.num_processes} processes: "
-                "model, codebook, optimizers and schedule carry over; per-process RNG streams restart",
-                main_process_only=True,
-            )
-            state.world_size = accelerator.num_processes
-        logger.info(f"resumed from {start} at step {state.step}", main_process_only=True)
-
-    metrics = MetricsLogger(accelerator, out / "metrics.csv")
+    metrics = MetricsLogger(accelerator, out / "metrics.csv", start_step=state.step)
     samples_per_batch = config.training.batch_size * accelerator.num_processes
     micro_batches = state.samples_seen // samples_per_batch
-    batches_per_epoch = len(loader)
-    unwrapped_d = accelerator.unwrap_model(discriminators) if opt_d is not None else None
+    batches_per_epoch = len(parts.loader)
     last_step = min(config.training.max_steps, config.training.stop_at_step or config.training.max_steps)
     progress = tqdm(
         total=last_step, initial=state.step, desc="training", disable=not accelerator.is_main_process, dynamic_ncols=True
     )
-    model.train()
-    running: dict[str, torch.Tensor] = {}  # summed on the device: no host sync per step
-    window_start, window_samples, window_batches = time.perf_counter(), 0, 0
+    parts.model.train()
+    window = MetricWindow()
     while state.step < last_step:
         epoch, skip = divmod(micro_batches, batches_per_epoch)
-        loader.set_epoch(epoch)
-        dataset.set_epoch(epoch)
-        epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
+        parts.loader.set_epoch(epoch)  # the sampler's permutation
+        parts.dataset.set_epoch(epoch)  # the patch positions
+        epoch_loader = accelerator.skip_first_batches(parts.loader, skip) if skip else parts.loader
         for batch in epoch_loader:
-            x = batch["pixel_values"]
-            gan_on = state.step >= gan.start_step
-            with accelerator.accumulate(model, *([discriminators] if opt_d else [])), accelerator.autocast():
-                out_g = model(x)
-                reconstruction = out_g.sample
-                l1 = (reconstruction.float() - x).abs().mean()
-                loss = config.model.l1_weight * l1 + out_g.commitment_loss
-                terms = {"l1": l1, "commitment": out_g.commitment_loss}
-                if gan_on and (perceptual is not None or opt_d is not None):
-                    # Seeded from (seed, step, rank), so a resumed run draws the same slices.
-                    slice_rng = torch.Generator().manual_seed(
-                        hash((config.training.seed, micro_batches, accelerator.process_index)) % 2**63
-                    )
-                    real_slices, fake_slices = random_slices(
-                        x, reconstruction, n=gan.slices_per_volume, generator=slice_rng
-                    )
-                    if perceptual is not None:
-                        terms["perceptual"] = perceptual(fake_slices.float(), real_slices)
-                        loss = loss + gan.perceptual_weight * terms["perceptual"]
-                    if opt_d is not None:
-                        unwrapped_d.requires_grad_(False)
-                        adversarial, matching = unwrapped_d.generator_terms(x, reconstruction, real_slices, fake_slices)
-                        unwrapped_d.requires_grad_(True)
-                        terms.update(g_adversarial=adversarial, feature_matching=matching)
-                        loss = loss + adversarial + gan.feature_matching_weight * matching
-                _check_finite(accelerator, loss, state.step, terms)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and config.model.grad_clip > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), config.model.grad_clip)
-                opt_g.step()
-                opt_g.zero_grad(set_to_none=True)
-                if gan_on and opt_d is not None:
-                    d_loss = discriminators(x, reconstruction.detach(), real_slices, fake_slices.detach())
-                    _check_finite(accelerator, d_loss, state.step, {"d_loss": d_loss})
-                    accelerator.backward(d_loss)
-                    if accelerator.sync_gradients and config.model.grad_clip > 0:
-                        accelerator.clip_grad_norm_(discriminators.parameters(), config.model.grad_clip)
-                    opt_d.step()
-                    opt_d.zero_grad(set_to_none=True)
-                    terms["d_loss"] = d_loss
+            terms = train_micro_batch(parts, model_input(batch), micro_batches)
             micro_batches += 1
             state.samples_seen += samples_per_batch
-            window_samples += samples_per_batch
-            window_batches += 1
-            for name, value in {**terms, "loss": loss, "perplexity": out_g.perplexity,
-                                "codebook_usage": out_g.codebook_usage}.items():  # fmt: skip
-                running[name] = running.get(name, 0) + value.detach().float()
+            window.add(terms, samples_per_batch)
             if not accelerator.sync_gradients:
                 continue
-
-            sched_g.step()
-            if sched_d is not None:
-                sched_d.step()
+            step_schedules(parts)
+            parts.guard.end_step()
             state.step += 1
             progress.update(1)
-            if state.step % config.training.log_every == 0 or state.step == last_step:
-                names = sorted(running)  # the same terms on every process: one all-reduce for the row
-                means = accelerator.reduce(torch.stack([running[n] for n in names]) / window_batches, "mean")
-                row = dict(zip(names, means.tolist()))
-                elapsed = time.perf_counter() - window_start
-                row.update(epoch=epoch, lr=sched_g.get_last_lr()[0], patches_per_s=window_samples / elapsed)
-                metrics.log(state.step, row)
-                progress.set_postfix(loss=f"{row['loss']:.4f}", l1=f"{row['l1']:.4f}")
-                running.clear()
-                window_start, window_samples, window_batches = time.perf_counter(), 0, 0
-            if state.step % config.training.validate_every == 0 or state.step == last_step:
-                _validate_and_export(accelerator, model, val_volumes, config, state, metrics)
-            if state.step % config.training.checkpoint_every == 0 or state.step == last_step:
-                save_checkpoint(accelerator, checkpoint_root, state.step, config.training.keep_checkpoints)
+            on_sync(parts, window, metrics, epoch, last_step, progress)
             if state.step >= last_step:
                 break
     progress.close()
     final = out / "final" if state.step >= config.training.max_steps else None
     if final is not None and accelerator.is_main_process:
-        export_model(accelerator.unwrap_model(model), final, out)
+        export_model(accelerator.unwrap_model(parts.model), final, out)
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return TrainResult(accelerator.unwrap_model(model), state.step, final)
+    return TrainResult(accelerator.unwrap_model(parts.model), state.step, final)
 
 
-def _check_finite(accelerator: Accelerator, loss: torch.Tensor, step: int, terms: dict) -> None:
-    """Stop every process together, naming the step, when any process sees a non-finite loss."""
-    finite = torch.isfinite(loss.detach()).float().reshape(1)
-    if accelerator.reduce(finite, reduction="min").item() < 1:
-        described = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
-        raise NonFiniteLossError(
-            f"non-finite loss at step {step + 1} ({described}); lower model.lr or check the data"
+def step_schedules(parts: TrainingParts) -> None:
+    """Advance both learning-rate schedules by one optimizer step (the critics' even before they start)."""
+    parts.sched_g.step()
+    if parts.sched_d is not None:
+        with warnings.catch_warnings():  # before gan.start_step the critics' optimizer has not stepped
+            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step\\(\\)` before", UserWarning)
+            parts.sched_d.step()
+
+
+def on_sync(
+    parts: TrainingParts, window: MetricWindow, metrics: MetricsLogger, epoch: int, last_step: int, progress=None
+) -> None:
+    """After an optimizer step: log (and check for non-finite runs), validate, checkpoint, as due."""
+    training, step = parts.config.training, parts.state.step
+    if step % training.log_every == 0 or step == last_step:
+        row = window.row(parts.accelerator)
+        row.update(epoch=epoch, samples_seen=parts.state.samples_seen, lr=parts.sched_g.get_last_lr()[0])
+        row["skipped_steps"] = parts.guard.check()
+        if parts.sched_d is not None:
+            row["d_lr"] = parts.sched_d.get_last_lr()[0]
+        metrics.log(step, row)
+        if progress is not None:
+            progress.set_postfix(loss=f"{row['loss']:.4f}", l1=f"{row['l1']:.4f}")
+    if step % training.validate_every == 0 or step == last_step:
+        validate_and_export(parts, metrics)
+    if step % training.checkpoint_every == 0 or step == last_step:
+        parts.guard.check()  # never checkpoint past a run of non-finite steps
+        save_checkpoint(
+            parts.accelerator, parts.output_dir / "checkpoints", step, training.keep_checkpoints, parts.resumed_from
         )
 
 
-def _validate_and_export(
-    accelerator: Accelerator, model, val_volumes: VolumeStore, config: TrainConfig, state: TrainState, metrics
-) -> None:
-    """Rank 0 reconstructs the validation volumes; a new best PSNR exports `best/`."""
-    if accelerator.is_main_process and len(val_volumes):
-        unwrapped = accelerator.unwrap_model(model)
-        out = Path(config.training.output_dir)
-        try:  # the pipeline puts the model in eval mode; training must resume in train mode
-            results = validate(unwrapped, val_volumes, config, out / "samples", state.step)
-            metrics.log(state.step, results)
-            if results["val_psnr"] > state.best_val_psnr:
-                state.best_val_psnr = results["val_psnr"]
-                export_model(unwrapped, out / "best", out)
-        finally:
-            unwrapped.train()
+def validate_and_export(parts: TrainingParts, metrics: MetricsLogger) -> None:
+    """Every process scores its share of the validation volumes; a new best PSNR exports `best/`."""
+    accelerator, state = parts.accelerator, parts.state
+    if not len(parts.val_volumes):
+        return
+    unwrapped = accelerator.unwrap_model(parts.model)
+    try:  # the pipeline (validation and export) puts the model in eval mode; training resumes in train mode
+        results = validate(
+            unwrapped, parts.val_volumes, parts.config, parts.output_dir / "samples", state.step, accelerator
+        )
+        metrics.log(state.step, results)
+        # The gathered results are the same on every process, and so is this decision.
+        if results["val_psnr"] > state.best_val_psnr:
+            state.best_val_psnr = results["val_psnr"]
+            if accelerator.is_main_process:
+                export_model(unwrapped, parts.output_dir / "best", parts.output_dir)
+    finally:
+        unwrapped.train()
     accelerator.wait_for_everyone()
-    # Every process must agree on the best PSNR, which is saved with the checkpoint.
-    best = torch.tensor([state.best_val_psnr], device=accelerator.device)
-    state.best_val_psnr = float(accelerator.reduce(best, reduction="max").item())

@@ -7,7 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
 
+from ..atomic import fsync_dir, fsync_tree
 from ..data.patch_dataset import VolumeStore
 from ..evaluation import score_volume
 from ..models import VQGAN3D
@@ -17,18 +20,22 @@ from .config import TrainConfig
 
 
 @torch.no_grad()
-def validate(model: VQGAN3D, volumes: VolumeStore, config: TrainConfig, sample_dir: Path, step: int) -> dict:
+def validate(
+    model: VQGAN3D, volumes: VolumeStore, config: TrainConfig, sample_dir: Path, step: int, accelerator: Accelerator
+) -> dict:
     """PSNR/SSIM in HU over the model's window, codebook use and clipping, on whole volumes.
 
-    Writes mid-slices (input | reconstruction | error) of the first volume to
-    `sample_dir/step-XXXXXXXX.png`.
+    The first `training.val_max_volumes` volumes are shared out across processes (volume `i` on
+    process `i % world_size`) and the per-volume scores and code counts gathered, so every
+    process returns the same figures as one process scoring them all. Process 0 writes
+    mid-slices (input | reconstruction | error) of volume 0 to `sample_dir/step-XXXXXXXX.png`.
     """
     pipeline = CTPAReconstructionPipeline(vqgan=model)  # puts the model in eval mode
     pipeline.set_progress_bar_config(disable=True)
-    limit = config.training.val_max_volumes or len(volumes)
+    limit = min(config.training.val_max_volumes or len(volumes), len(volumes))
     scores = []
     counts = torch.zeros(model.quantizer.num_codes, dtype=torch.float64)
-    for index in range(min(limit, len(volumes))):
+    for index in range(accelerator.process_index, limit, accelerator.num_processes):
         hu = volumes.volume(index)
         score, result = score_volume(
             pipeline,
@@ -39,19 +46,23 @@ def validate(model: VQGAN3D, volumes: VolumeStore, config: TrainConfig, sample_d
             blend=config.training.val_blend,
             batch_size=config.training.val_batch_size,
         )
-        scores.append(score)
+        scores.append((index, score.psnr, score.ssim, score.clipped_fraction))
         counts += torch.bincount(result.indices.flatten().cpu(), minlength=counts.numel()).double()
         if index == 0:
             sample_dir.mkdir(parents=True, exist_ok=True)
             save_mid_slices(sample_dir / f"step-{step:08d}.png", hu, result.reconstruction, pipeline.window)
+    # Sorted by volume: the means add in the same order whatever the world size.
+    scores = sorted(gather_object(scores)) if accelerator.num_processes > 1 else scores
+    counts = accelerator.reduce(counts.to(accelerator.device), "sum").cpu()
+    psnr, ssim, clipped = (np.array([s[k] for s in scores]) for k in (1, 2, 3))
     probs = counts / counts.sum()
     perplexity = float(torch.exp(-(probs[probs > 0] * probs[probs > 0].log()).sum()))
     return {
-        "val_psnr": float(np.mean([s.psnr for s in scores])),
-        "val_ssim": float(np.mean([s.ssim for s in scores])),
+        "val_psnr": float(psnr.mean()),
+        "val_ssim": float(ssim.mean()),
         "val_perplexity": perplexity,
         "val_codebook_usage": float((counts > 0).double().mean()),
-        "val_clipped_fraction": float(np.mean([s.clipped_fraction for s in scores])),
+        "val_clipped_fraction": float(clipped.mean()),
     }
 
 
@@ -67,5 +78,7 @@ def export_model(model: VQGAN3D, target: Path, run_dir: Path) -> None:
     shutil.rmtree(previous, ignore_errors=True)
     if target.exists():
         target.rename(previous)
+    fsync_tree(partial)
     partial.rename(target)
     shutil.rmtree(previous, ignore_errors=True)
+    fsync_dir(target.parent)

@@ -1,0 +1,28 @@
+"""Learning-rate factors (for `LambdaLR`) of the generator and of the critics.
+
+Both count optimizer steps, not micro-batches or samples, so a schedule is the same on any
+world size and resumes exactly from the step saved in a checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+
+
+def lr_factor(step: int, warmup: int, total: int, floor: float) -> float:
+    """Linear warm-up to 1 over `warmup` steps, then cosine decay to `floor` at `total` steps."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def critic_lr_factor(step: int, start: int, warmup: int, total: int, floor: float) -> float:
+    """0 before the GAN stage starts at `start`; from there the generator's shape, shifted.
+
+    The critics' first step (at `start`) uses `1 / warmup` of their learning rate, not a value
+    already decayed by the steps the generator trained alone.
+    """
+    if step < start:
+        return 0.0
+    return lr_factor(step - start, warmup, total - start, floor)
