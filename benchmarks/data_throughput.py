@@ -5,12 +5,12 @@ the same as Arrow) into a temporary directory, prepares them (and a dataset of t
 ``--rss-volumes``), then measures in fresh subprocesses, each starting with the files evicted
 from the page cache (``posix_fadvise(DONTNEED)``):
 
-* ``dataset``: ``RandomPatchDataset[i]`` (slice of the memory-mapped Arrow buffer + HU window
-  + [-1, 1] float32), the thing training uses;
-* ``store``: the same slices copied as int16 (the storage path alone);
+* ``dataset``: ``RandomPatchDataset[i]`` on the configured sampling path (the position draws,
+  each with its foreground probe, at ``dataset.min_foreground_fraction`` of ``--config``, then
+  the int16 HU patch copied out of the memory-mapped Arrow buffer), the thing training uses;
+* ``store``: the same final slices copied as int16 (the storage path alone);
 * ``raw``: ``np.load(mmap_mode="r")`` of a plain ``.npy`` copy of the same volumes, the same
-  patches copied as int16: the limit on this machine;
-* ``raw+window``: the raw slice plus the same window/scaling as the dataset.
+  final patches copied as int16: the limit on this machine.
 
 Each reads the same patches cold (first read, from disk) and then warm (page cache, best of 3).
 "Bytes read per patch" is the kernel's ``read_bytes`` (``/proc/self/io``: bytes fetched from
@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-MODES = ("dataset", "store", "raw", "raw+window")
+MODES = ("dataset", "store", "raw")
 
 
 def main() -> None:
@@ -49,6 +49,8 @@ def main() -> None:
     parser.add_argument("--shape", type=int, nargs=3, default=(604, 512, 512), metavar=("D", "H", "W"))
     parser.add_argument("--patch", type=int, nargs=3, default=(128, 256, 256), metavar=("D", "H", "W"))
     parser.add_argument("--patches", type=int, default=48, help="patches read per measurement")
+    parser.add_argument("--config", default=str(Path(__file__).resolve().parents[1] / "configs" / "ctpa_512.yaml"),
+                        help="recipe whose dataset.min_foreground_fraction the dataset samples with")
     parser.add_argument("--workdir", default=None, help="parent of the temporary directory (default: system temp)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--data", default=None, help=argparse.SUPPRESS)
@@ -111,8 +113,8 @@ def _report(args, results, rss, setup, patch_bytes, volume_bytes) -> None:
         print(f"{mode:<12}{n / r['cold_s']:>10.1f}{n * patch_bytes / r['cold_s'] / 1e6:>11.0f}"
               f"{n / r['warm_s']:>10.1f}{n * patch_bytes / r['warm_s'] / 1e6:>11.0f}"
               f"{r['read_bytes'] / n / 1e6:>10.1f}MB{raw_warm / r['warm_s']:>15.2f}")
-    print(f"(MB/s counts the int16 HU bytes of the patch: {patch_bytes / 1e6:.1f} MB; the dataset hands out "
-          f"float32, twice that)")
+    print(f"(MB/s counts the int16 HU bytes of the patch: {patch_bytes / 1e6:.1f} MB, what every reader hands out; "
+          f"the dataset samples with min_foreground_fraction {setup['min_foreground_fraction']} of {args.config})")
     print(f"bytes per patch: patch {patch_bytes / 1e6:.1f} MB, spanned pages {setup['touched_bytes'] / 1e6:.1f} MB, "
           f"read from disk (cold, with read-ahead) dataset {results['dataset']['read_bytes'] / args.patches / 1e6:.1f}"
           f" MB vs raw {results['raw']['read_bytes'] / args.patches / 1e6:.1f} MB, whole volume "
@@ -124,19 +126,20 @@ def _report(args, results, rss, setup, patch_bytes, volume_bytes) -> None:
     print(f"RSS ratio {args.volumes} / {args.rss_volumes} volumes: peak {large['vm_hwm'] / small['vm_hwm']:.2f}, "
           f"anonymous {large['rss_anon'] / small['rss_anon']:.2f}")
     print(f"dataset warm rate / raw warm rate: {raw_warm / results['dataset']['warm_s']:.2f}; "
-          f"store (storage path) / raw: {raw_warm / results['store']['warm_s']:.2f}; "
-          f"dataset / raw+window: {results['raw+window']['warm_s'] / results['dataset']['warm_s']:.2f}")
+          f"cold: {results['raw']['cold_s'] / results['dataset']['cold_s']:.2f}; "
+          f"store (storage path) / raw warm: {raw_warm / results['store']['warm_s']:.2f}")
 
 
 def _spawn(args: argparse.Namespace, mode: str, data: Path, work: Path) -> dict:
     command = [sys.executable, __file__, "--child", mode, "--data", str(data), "--workdir", str(work),
-               "--shape", *map(str, args.shape), "--patch", *map(str, args.patch), "--patches", str(args.patches)]
+               "--shape", *map(str, args.shape), "--patch", *map(str, args.patch), "--patches", str(args.patches),
+               "--config", args.config]
     out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
 def _child(args: argparse.Namespace) -> dict:
-    from ctpa_vq.data.patch_dataset import VolumeStore, hu_patch_to_unit
+    from ctpa_vq.data.patch_dataset import VolumeStore
 
     work, data = Path(args.workdir), Path(args.data)
     raw_dir = work / "raw"
@@ -148,7 +151,8 @@ def _child(args: argparse.Namespace) -> dict:
         dataset = _patch_dataset(store, args)
         origins = [dataset.patch_origin(i) for i in range(args.patches)]
         (work / "origins.json").write_text(json.dumps(origins))
-        return {"touched_bytes": _spanned_page_bytes(store.shapes[0], origins[0][1], args.patch)}
+        return {"touched_bytes": _spanned_page_bytes(store.shapes[0], origins[0][1], args.patch),
+                "min_foreground_fraction": dataset.min_foreground_fraction}
 
     for path in list(data.rglob("*.arrow")) + list(raw_dir.glob("*.npy")):
         _evict(path)
@@ -156,16 +160,13 @@ def _child(args: argparse.Namespace) -> dict:
 
     if args.child == "dataset":
         dataset = _patch_dataset(VolumeStore.from_disk(data), args)
-        read = lambda i: dataset[i]["pixel_values"]  # noqa: E731
+        read = lambda i: dataset[i]["hu"]  # noqa: E731
     elif args.child == "store":
         store = VolumeStore.from_disk(data)
         read = lambda i: np.array(store.volume(origins[i][0])[_slices(origins[i][1], args.patch)])  # noqa: E731
     else:
         volumes = [np.load(raw_dir / f"{i}.npy", mmap_mode="r") for i in range(len(list(raw_dir.glob("*.npy"))))]
-        if args.child == "raw":
-            read = lambda i: np.array(volumes[origins[i][0]][_slices(origins[i][1], args.patch)])  # noqa: E731
-        else:
-            read = lambda i: hu_patch_to_unit(volumes[origins[i][0]][_slices(origins[i][1], args.patch)])  # noqa: E731
+        read = lambda i: np.array(volumes[origins[i][0]][_slices(origins[i][1], args.patch)])  # noqa: E731
 
     def timed_pass() -> float:
         start = time.perf_counter()
@@ -182,9 +183,12 @@ def _child(args: argparse.Namespace) -> dict:
 
 def _patch_dataset(store, args):
     from ctpa_vq.data.patch_dataset import RandomPatchDataset
+    from ctpa_vq.training.config import load_config
 
     per_volume = math.ceil(args.patches / len(store))
-    return RandomPatchDataset(store, tuple(args.patch), patches_per_volume=per_volume, seed=0)
+    fraction = load_config(args.config).dataset.min_foreground_fraction
+    return RandomPatchDataset(store, tuple(args.patch), patches_per_volume=per_volume, seed=0,
+                              min_foreground_fraction=fraction)
 
 
 def _slices(origin, size) -> tuple[slice, ...]:

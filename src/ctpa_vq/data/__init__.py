@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .nifti import CTFileError, CTVolume, ct_from_image, load_ct, save_ct_like
-from .patch_dataset import GridPatchDataset, RandomPatchDataset, VolumeStore, hu_patch_to_unit
+from .patch_dataset import GridPatchDataset, RandomPatchDataset, VolumeStore
 from .phantom import make_phantom, write_phantom_dir, write_phantom_nifti
 from .prepare import PrepareReport, prepare_dataset
 
@@ -15,7 +15,6 @@ __all__ = [
     "RandomPatchDataset",
     "VolumeStore",
     "ct_from_image",
-    "hu_patch_to_unit",
     "load_ct",
     "make_phantom",
     "prepare_dataset",

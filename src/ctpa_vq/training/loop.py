@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from ..data.patch_dataset import RandomPatchDataset, VolumeStore
 from ..data.phantom import write_phantom_dir
 from ..data.prepare import prepare_dataset
+from ..intensity import hu_to_unit
 from ..models import VQGAN3D
 from .adversarial import Discriminators
 from .checkpoints import resolve_checkpoint, save_checkpoint
@@ -110,16 +111,17 @@ def train(config: TrainConfig, resume: str | None = None) -> TrainResult:
     model = VQGAN3D.from_preset(config.model.preset, **config.model.overrides)
     if config.model.gradient_checkpointing:
         model.enable_gradient_checkpointing()
+    hu_window = model.config.hu_window  # int16 HU batches are windowed on the device, in the step
     dataset = RandomPatchDataset(
         train_volumes,
         patch_size=config.dataset.patch_size,
         patches_per_volume=config.dataset.patches_per_volume,
         seed=config.training.seed,
-        hu_window=model.config.hu_window,
         min_foreground_fraction=config.dataset.min_foreground_fraction,
     )
     loader = DataLoader(
-        dataset, batch_size=config.training.batch_size, num_workers=config.dataset.num_workers, drop_last=True
+        dataset, batch_size=config.training.batch_size, num_workers=config.dataset.num_workers, drop_last=True,
+        pin_memory=accelerator.device.type == "cuda",
     )
 
     gan = config.gan
@@ -178,7 +180,7 @@ def train(config: TrainConfig, resume: str | None = None) -> TrainResult:
         dataset.set_epoch(epoch)
         epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
         for batch in epoch_loader:
-            x = batch["pixel_values"]
+            x = hu_to_unit(batch["hu"].to(accelerator.device, non_blocking=True), hu_window)
             gan_on = state.step >= gan.start_step
             with accelerator.accumulate(model, *([discriminators] if opt_d else [])), accelerator.autocast():
                 out_g = model(x)
