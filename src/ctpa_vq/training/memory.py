@@ -1,11 +1,11 @@
 """Predicted peak GPU memory of one training step, on a machine without a GPU.
 
 One optimizer step of the recipe (generator forward/backward, AdamW step, then the critics'
-step once the GAN stage is on) runs on fake CUDA tensors: torch's ``FakeTensorMode`` gives
-every tensor a shape, dtype and device but no storage, and
+step once the GAN stage is on) runs on fake tensors: torch's ``FakeTensorMode`` gives every
+tensor a shape, dtype and device but no storage, and
 ``torch.distributed._tools.mem_tracker.MemTracker`` adds up the storages alive at each
-operation. What it counts is what
-``torch.cuda.max_memory_allocated`` reports on a GPU; :class:`StepMemory` adds what it does not
+operation. What it counts is what ``torch.cuda.max_memory_allocated`` reports for the same
+step on a GPU; :class:`StepMemory` adds what it does not
 see (DDP gradient buckets, the allocator's fragmentation, the CUDA context) for the figure to
 compare with a card's memory.
 
