@@ -5,14 +5,18 @@ the same as Arrow) into a temporary directory, prepares them (and a dataset of t
 ``--rss-volumes``), then measures in fresh subprocesses, each starting with the files evicted
 from the page cache (``posix_fadvise(DONTNEED)``):
 
-* ``dataset``: ``RandomPatchDataset[i]`` (slice of the memory-mapped Arrow buffer + HU window
-  + [-1, 1] float32), the thing training uses;
-* ``store``: the same slices copied as int16 (the storage path alone);
+* ``dataset``: ``RandomPatchDataset[i]`` on the configured sampling path (the position draws,
+  each with its foreground probe, at ``dataset.min_foreground_fraction`` of ``--config``, then
+  the int16 HU patch copied out of the memory-mapped Arrow buffer), the thing training uses;
+* ``store``: the same final slices copied as int16 (the storage path alone);
 * ``raw``: ``np.load(mmap_mode="r")`` of a plain ``.npy`` copy of the same volumes, the same
-  patches copied as int16: the limit on this machine;
-* ``raw+window``: the raw slice plus the same window/scaling as the dataset.
+  final patches copied as int16: the limit on this machine.
 
 Each reads the same patches cold (first read, from disk) and then warm (page cache, best of 3).
+The headline ratio, dataset vs raw warm, comes from one more process that reads each patch with
+the two readers in turn and counts CPU time (``time.thread_time``), so both see the same load on
+a shared machine and time spent descheduled is left out (median over 10 passes, order flipped
+every pass).
 "Bytes read per patch" is the kernel's ``read_bytes`` (``/proc/self/io``: bytes fetched from
 storage) over the cold pass divided by the number of patches; it includes the kernel's
 read-ahead, so it is compared with the patch size, with the bytes the patch spans in the
@@ -31,6 +35,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -39,7 +44,8 @@ from pathlib import Path
 
 import numpy as np
 
-MODES = ("dataset", "store", "raw", "raw+window")
+MODES = ("dataset", "store", "raw")
+WARM_PASSES = 10
 
 
 def main() -> None:
@@ -49,6 +55,8 @@ def main() -> None:
     parser.add_argument("--shape", type=int, nargs=3, default=(604, 512, 512), metavar=("D", "H", "W"))
     parser.add_argument("--patch", type=int, nargs=3, default=(128, 256, 256), metavar=("D", "H", "W"))
     parser.add_argument("--patches", type=int, default=48, help="patches read per measurement")
+    parser.add_argument("--config", default=str(Path(__file__).resolve().parents[1] / "configs" / "ctpa_512.yaml"),
+                        help="recipe whose dataset.min_foreground_fraction the dataset samples with")
     parser.add_argument("--workdir", default=None, help="parent of the temporary directory (default: system temp)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--data", default=None, help=argparse.SUPPRESS)
@@ -93,14 +101,15 @@ def _run(args: argparse.Namespace, work: Path, volume_bytes: int) -> None:
     print(f"setup (write, prepare, raw copies): {time.perf_counter() - start:.0f} s")
 
     results = {mode: _spawn(args, mode, work / "ds_small", work) for mode in MODES}
+    interleaved = _spawn(args, "interleaved", work / "ds_small", work)
     rss = {n: _spawn(args, "dataset", work / d, work) for n, d in
            ((args.rss_volumes, "ds_small"), (args.volumes, "ds_all"))}
 
     patch_bytes = 2 * math.prod(args.patch)
-    _report(args, results, rss, setup, patch_bytes, volume_bytes)
+    _report(args, results, interleaved, rss, setup, patch_bytes, volume_bytes)
 
 
-def _report(args, results, rss, setup, patch_bytes, volume_bytes) -> None:
+def _report(args, results, interleaved, rss, setup, patch_bytes, volume_bytes) -> None:
     print(f"\nshape {tuple(args.shape)} (D, H, W) int16, patch {tuple(args.patch)}, {args.patches} patches "
           f"from {args.rss_volumes} volumes; {os.cpu_count()} CPU cores")
     print(f"{'reader':<12}{'cold p/s':>10}{'cold MB/s':>11}{'warm p/s':>10}{'warm MB/s':>11}"
@@ -111,8 +120,8 @@ def _report(args, results, rss, setup, patch_bytes, volume_bytes) -> None:
         print(f"{mode:<12}{n / r['cold_s']:>10.1f}{n * patch_bytes / r['cold_s'] / 1e6:>11.0f}"
               f"{n / r['warm_s']:>10.1f}{n * patch_bytes / r['warm_s'] / 1e6:>11.0f}"
               f"{r['read_bytes'] / n / 1e6:>10.1f}MB{raw_warm / r['warm_s']:>15.2f}")
-    print(f"(MB/s counts the int16 HU bytes of the patch: {patch_bytes / 1e6:.1f} MB; the dataset hands out "
-          f"float32, twice that)")
+    print(f"(MB/s counts the int16 HU bytes of the patch: {patch_bytes / 1e6:.1f} MB, what every reader hands out; "
+          f"the dataset samples with min_foreground_fraction {setup['min_foreground_fraction']} of {args.config})")
     print(f"bytes per patch: patch {patch_bytes / 1e6:.1f} MB, spanned pages {setup['touched_bytes'] / 1e6:.1f} MB, "
           f"read from disk (cold, with read-ahead) dataset {results['dataset']['read_bytes'] / args.patches / 1e6:.1f}"
           f" MB vs raw {results['raw']['read_bytes'] / args.patches / 1e6:.1f} MB, whole volume "
@@ -123,20 +132,26 @@ def _report(args, results, rss, setup, patch_bytes, volume_bytes) -> None:
     small, large = rss.values()
     print(f"RSS ratio {args.volumes} / {args.rss_volumes} volumes: peak {large['vm_hwm'] / small['vm_hwm']:.2f}, "
           f"anonymous {large['rss_anon'] / small['rss_anon']:.2f}")
-    print(f"dataset warm rate / raw warm rate: {raw_warm / results['dataset']['warm_s']:.2f}; "
-          f"store (storage path) / raw: {raw_warm / results['store']['warm_s']:.2f}; "
-          f"dataset / raw+window: {results['raw+window']['warm_s'] / results['dataset']['warm_s']:.2f}")
+    ratios = sorted(p["raw"] / p["dataset"] for p in interleaved["passes"])
+    fastest = min(interleaved["passes"], key=lambda p: p["raw"])
+    print(f"dataset warm rate / raw warm rate, item by item in one process, CPU time: median "
+          f"{statistics.median(ratios):.2f} over {len(ratios)} passes (range {ratios[0]:.2f}-{ratios[-1]:.2f}; "
+          f"fastest pass {args.patches / fastest['dataset']:.0f} vs {args.patches / fastest['raw']:.0f} patches/s)")
+    print(f"separate processes: warm {raw_warm / results['dataset']['warm_s']:.2f}, "
+          f"cold {results['raw']['cold_s'] / results['dataset']['cold_s']:.2f}; "
+          f"store (storage path) / raw warm: {raw_warm / results['store']['warm_s']:.2f}")
 
 
 def _spawn(args: argparse.Namespace, mode: str, data: Path, work: Path) -> dict:
     command = [sys.executable, __file__, "--child", mode, "--data", str(data), "--workdir", str(work),
-               "--shape", *map(str, args.shape), "--patch", *map(str, args.patch), "--patches", str(args.patches)]
+               "--shape", *map(str, args.shape), "--patch", *map(str, args.patch), "--patches", str(args.patches),
+               "--config", args.config]
     out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
 def _child(args: argparse.Namespace) -> dict:
-    from ctpa_vq.data.patch_dataset import VolumeStore, hu_patch_to_unit
+    from ctpa_vq.data.patch_dataset import VolumeStore
 
     work, data = Path(args.workdir), Path(args.data)
     raw_dir = work / "raw"
@@ -148,43 +163,66 @@ def _child(args: argparse.Namespace) -> dict:
         dataset = _patch_dataset(store, args)
         origins = [dataset.patch_origin(i) for i in range(args.patches)]
         (work / "origins.json").write_text(json.dumps(origins))
-        return {"touched_bytes": _spanned_page_bytes(store.shapes[0], origins[0][1], args.patch)}
+        return {"touched_bytes": _spanned_page_bytes(store.shapes[0], origins[0][1], args.patch),
+                "min_foreground_fraction": dataset.min_foreground_fraction}
 
     for path in list(data.rglob("*.arrow")) + list(raw_dir.glob("*.npy")):
         _evict(path)
     origins = [(v, tuple(o)) for v, o in json.loads((work / "origins.json").read_text())]
 
-    if args.child == "dataset":
-        dataset = _patch_dataset(VolumeStore.from_disk(data), args)
-        read = lambda i: dataset[i]["pixel_values"]  # noqa: E731
-    elif args.child == "store":
-        store = VolumeStore.from_disk(data)
-        read = lambda i: np.array(store.volume(origins[i][0])[_slices(origins[i][1], args.patch)])  # noqa: E731
-    else:
-        volumes = [np.load(raw_dir / f"{i}.npy", mmap_mode="r") for i in range(len(list(raw_dir.glob("*.npy"))))]
-        if args.child == "raw":
-            read = lambda i: np.array(volumes[origins[i][0]][_slices(origins[i][1], args.patch)])  # noqa: E731
-        else:
-            read = lambda i: hu_patch_to_unit(volumes[origins[i][0]][_slices(origins[i][1], args.patch)])  # noqa: E731
-
-    def timed_pass() -> float:
+    def timed_pass(read) -> float:
         start = time.perf_counter()
         for i in range(args.patches):
             read(i)
         return time.perf_counter() - start
 
+    if args.child == "interleaved":
+        # Warm only, item by item and in CPU time: the two readers see the same machine load, and
+        # time spent descheduled on a shared machine is not counted. The order flips every pass.
+        readers = {mode: _reader(mode, args, data, raw_dir, origins) for mode in ("dataset", "raw")}
+        for read in readers.values():
+            timed_pass(read)  # warms the page cache
+        passes = []
+        for n in range(WARM_PASSES):
+            spent = dict.fromkeys(readers, 0.0)
+            for i in range(args.patches):
+                for mode in list(readers)[:: 1 if n % 2 else -1]:
+                    start = time.thread_time()
+                    readers[mode](i)
+                    spent[mode] += time.thread_time() - start
+            passes.append(spent)
+        return {"passes": passes}
+
+    read = _reader(args.child, args, data, raw_dir, origins)
     read_bytes_before = _proc_io()["read_bytes"]
-    timings = {"cold_s": timed_pass(), "read_bytes": _proc_io()["read_bytes"] - read_bytes_before}
-    timings["warm_s"] = min(timed_pass() for _ in range(3))  # best of 3: the machine is shared
+    timings = {"cold_s": timed_pass(read), "read_bytes": _proc_io()["read_bytes"] - read_bytes_before}
+    timings["warm_s"] = min(timed_pass(read) for _ in range(3))  # best of 3: the machine is shared
     status = _proc_status()
     return {**timings, "vm_hwm": status["VmHWM"], "rss_anon": status["RssAnon"], "rss_file": status["RssFile"]}
 
 
+def _reader(mode: str, args: argparse.Namespace, data: Path, raw_dir: Path, origins: list):
+    """Item i of the measured reader: the dataset draws its own positions, the others read `origins`."""
+    from ctpa_vq.data.patch_dataset import VolumeStore
+
+    if mode == "dataset":
+        dataset = _patch_dataset(VolumeStore.from_disk(data), args)
+        return lambda i: dataset[i]["hu"]
+    if mode == "store":
+        store = VolumeStore.from_disk(data)
+        return lambda i: np.array(store.volume(origins[i][0])[_slices(origins[i][1], args.patch)])
+    volumes = [np.load(raw_dir / f"{i}.npy", mmap_mode="r") for i in range(len(list(raw_dir.glob("*.npy"))))]
+    return lambda i: np.array(volumes[origins[i][0]][_slices(origins[i][1], args.patch)])
+
+
 def _patch_dataset(store, args):
     from ctpa_vq.data.patch_dataset import RandomPatchDataset
+    from ctpa_vq.training.config import load_config
 
     per_volume = math.ceil(args.patches / len(store))
-    return RandomPatchDataset(store, tuple(args.patch), patches_per_volume=per_volume, seed=0)
+    fraction = load_config(args.config).dataset.min_foreground_fraction
+    return RandomPatchDataset(store, tuple(args.patch), patches_per_volume=per_volume, seed=0,
+                              min_foreground_fraction=fraction)
 
 
 def _slices(origin, size) -> tuple[slice, ...]:

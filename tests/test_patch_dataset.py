@@ -15,10 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from ctpa_vq.data.patch_dataset import GridPatchDataset, RandomPatchDataset, VolumeStore, hu_patch_to_unit
+from ctpa_vq.data.patch_dataset import GridPatchDataset, RandomPatchDataset, VolumeStore
 from ctpa_vq.data.phantom import make_phantom
 from ctpa_vq.data.prepare import prepare_dataset
-from ctpa_vq.intensity import hu_to_unit, unit_to_hu
 from ctpa_vq.patching import PatchGrid
 
 # Source axes (i, j, k) run (-A, -S, +R): an LPS-like, axis-permuted orientation.
@@ -55,7 +54,7 @@ def test_prepare_load_patch_round_trip_keeps_hu_at_world_coordinates(prepared, s
         item = dataset[index]
         volume_index = item["volume_index"]
         source = sources[item["patient_id"]]
-        hu = np.rint(unit_to_hu(item["pixel_values"][0].numpy())).astype(int)
+        hu = item["hu"][0].numpy()
         d, h, w = (np.indices(PATCH).reshape(3, -1).T + item["origin"].numpy()).T
         world = store.affine(volume_index) @ np.stack([w, h, d, np.ones_like(d)])
         i, j, k = np.rint(np.linalg.solve(PERMUTED_AFFINE, world)[:3]).astype(int)
@@ -85,11 +84,30 @@ def test_selected_rows_give_the_same_volumes(store, rows):
         np.testing.assert_array_equal(subset.volume(i), store.volume(r))
 
 
-def test_hu_patch_to_unit_matches_the_intensity_contract():
-    hu = make_phantom((16, 16, 16), seed=0)[2:14, ::2, 3:]
-    hu[0, 0, 0], hu[0, 0, 1] = -3000, 3000  # outside the window on both sides
-    for window in [(-1024.0, 2048.0), (-200.0, 400.0)]:
-        np.testing.assert_allclose(hu_patch_to_unit(hu, window).numpy(), hu_to_unit(hu, window), atol=1e-6)
+def test_items_are_int16_hu_copies_not_views_of_the_memory_map(store):
+    item = RandomPatchDataset(store, PATCH, patches_per_volume=1, seed=0)[1]
+    hu = item["hu"]
+    assert hu.dtype == torch.int16 and hu.shape == (1, *PATCH) and hu.is_contiguous()
+    volume = store.volume(item["volume_index"])
+    d, h, w = item["origin"].tolist()
+    np.testing.assert_array_equal(hu[0].numpy(), volume[d:d + 8, h:h + 8, w:w + 8])
+    assert not np.shares_memory(hu.numpy(), volume) and hu.numpy().flags.writeable
+
+
+def test_foreground_probe_estimates_the_patch_fraction(tmp_path):
+    """The sparse probe's fraction is close to the exact fraction over the whole patch."""
+    nib.save(nib.Nifti1Image(make_phantom((64, 96, 96), seed=3), np.eye(4)), tmp_path / "phantom.nii")
+    prepare_dataset(tmp_path, tmp_path / "out", val_fraction=0.0, progress=False)
+    store = VolumeStore.from_disk(tmp_path / "out")
+    hu, sizes = store.volume(0), (32, 64, 64)
+    dataset = RandomPatchDataset(store, sizes, patches_per_volume=1)
+    rng = np.random.default_rng(0)
+    errors = []
+    for _ in range(40):
+        origin = tuple(int(rng.integers(0, s - p + 1)) for s, p in zip(hu.shape, sizes))
+        exact = float((hu[tuple(slice(o, o + p) for o, p in zip(origin, sizes))] > -500).mean())
+        errors.append(abs(dataset._foreground_fraction(0, origin) - exact))
+    assert max(errors) < 0.08 and np.mean(errors) < 0.03  # enough to steer away from air
 
 
 def test_random_patches_are_deterministic_by_seed_epoch_and_index(store):
@@ -105,7 +123,7 @@ def test_random_patches_are_deterministic_by_seed_epoch_and_index(store):
     dataset.set_epoch(0)
     item = dataset[7]
     assert item["index"] == 7 and tuple(item["origin"].tolist()) == epoch0[7][1]
-    assert item["pixel_values"].shape == (1, *PATCH) and item["pixel_values"].dtype == torch.float32
+    assert item["hu"].shape == (1, *PATCH) and item["hu"].dtype == torch.int16
     with pytest.raises(IndexError):
         dataset.patch_origin(20)
 
@@ -118,7 +136,7 @@ def test_foreground_bias_steers_patches_away_from_air(tmp_path):
     store = VolumeStore.from_disk(tmp_path / "out")
 
     def foreground(dataset):
-        return [float((unit_to_hu(dataset[i]["pixel_values"]) > -500).float().mean()) for i in range(len(dataset))]
+        return [float((dataset[i]["hu"] > -500).float().mean()) for i in range(len(dataset))]
 
     plain = foreground(RandomPatchDataset(store, (16, 16, 16), patches_per_volume=40, seed=0))
     biased = foreground(RandomPatchDataset(store, (16, 16, 16), patches_per_volume=40, seed=0,
@@ -143,7 +161,7 @@ def test_grid_patches_follow_the_stitcher_grid(store):
         volume = store.volume(item["volume_index"])
         origin = item["origin"].tolist()
         padded = np.pad(volume, [(0, 16)] * 3, mode="edge")[tuple(slice(o, o + 16) for o in origin)]
-        np.testing.assert_allclose(item["pixel_values"][0].numpy(), hu_to_unit(padded), atol=1e-6)
+        np.testing.assert_array_equal(item["hu"][0].numpy(), padded)
 
 
 def test_pickles_small_and_works_in_dataloader_workers(store):
@@ -151,8 +169,8 @@ def test_pickles_small_and_works_in_dataloader_workers(store):
     assert len(pickle.dumps(dataset)) < 100_000  # the Arrow buffers are not pickled
     loader = torch.utils.data.DataLoader(dataset, batch_size=4, num_workers=2)
     batches = list(loader)
-    expected = torch.stack([dataset[i]["pixel_values"] for i in range(len(dataset))])
-    torch.testing.assert_close(torch.cat([b["pixel_values"] for b in batches]), expected)
+    expected = torch.stack([dataset[i]["hu"] for i in range(len(dataset))])
+    torch.testing.assert_close(torch.cat([b["hu"] for b in batches]), expected)
 
 
 SHARDING_SCRIPT = textwrap.dedent(

@@ -52,7 +52,7 @@ def _config(prepared: Path, tmp_path: Path, *overrides: str):
 
 
 def _batch(parts, size: int) -> torch.Tensor:
-    return torch.stack([parts.dataset[i]["pixel_values"] for i in range(size)])
+    return model_input(parts, {"hu": torch.stack([parts.dataset[i]["hu"] for i in range(size)])})
 
 
 def _take_step(parts, x: torch.Tensor, micro_batch: int) -> dict:
@@ -259,10 +259,10 @@ def _steps_between_logs(prepared, tmp_path, monkeypatch) -> list[str]:
     window = MetricWindow()
     batches = iter(parts.loader)
     for step in range(2):  # codebook initialisation and the GAN stage's first step happen here
-        window.add(_take_step(parts, model_input(next(batches)), step), 2)
+        window.add(_take_step(parts, model_input(parts, next(batches)), step), 2)
     calls = _record_host_syncs(monkeypatch)
     for step in range(2, 4):
-        window.add(_take_step(parts, model_input(next(batches)), step), 2)
+        window.add(_take_step(parts, model_input(parts, next(batches)), step), 2)
         on_sync(parts, window, metrics, 0, last_step=100)
     monkeypatch.undo()
     return calls

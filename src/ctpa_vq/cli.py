@@ -71,10 +71,16 @@ def _run_prepare(args: argparse.Namespace) -> int:
 def _add_verify(subparsers) -> None:
     verify = subparsers.add_parser(
         "verify",
-        help="check torch/CUDA/bf16, GPUs, the Accelerate config, the data and disk space before a long run",
+        help="check torch/CUDA/bf16, GPUs, the Accelerate config, predicted GPU memory, the data and disk space "
+        "before a long run",
+        description="Predicts the peak GPU memory per process of one training step by tracing it on fake tensors "
+        "(no GPU needed) and compares it with the GPUs found or --gpu-memory; when it does not fit, names the knobs "
+        "that do. Multi-node configs: num_machines x GPUs per node == num_processes, a reachable rendezvous address.",
     )
     verify.add_argument("--config", default=None, help="training recipe (YAML), as given to train_vqgan.py")
     verify.add_argument("--accelerate-config", default=None, help="the Accelerate config the run will use")
+    verify.add_argument("--gpu-memory", type=float, default=None, metavar="GIB",
+                        help="memory of one GPU of the target machine in GiB (default: the GPUs found here)")
     verify.add_argument("overrides", nargs="*", help="dotted overrides, e.g. dataset.path=/data/prepared")
     verify.set_defaults(handler=_run_verify)
 
@@ -86,7 +92,8 @@ def _run_verify(args: argparse.Namespace) -> int:
     from .training.verify import FAIL, verify_environment
 
     config = load_config(args.config, args.overrides)
-    checks = verify_environment(config, Path(args.accelerate_config) if args.accelerate_config else None)
+    accelerate_config = Path(args.accelerate_config) if args.accelerate_config else None
+    checks = verify_environment(config, accelerate_config, args.gpu_memory)
     for check in checks:
         print(check)
     failed = [c for c in checks if c.status == FAIL]

@@ -4,7 +4,7 @@ resampling, dataset preparation and patch access."""
 from __future__ import annotations
 
 from .nifti import CTFileError, CTVolume, ct_from_image, load_ct, save_ct_like
-from .patch_dataset import GridPatchDataset, RandomPatchDataset, VolumeStore, hu_patch_to_unit
+from .patch_dataset import GridPatchDataset, RandomPatchDataset, VolumeStore
 from .phantom import make_phantom, write_phantom_dir, write_phantom_nifti
 from .prepare import PrepareReport, prepare_dataset
 from .volume_io import find_volumes, load_volume, save_volume_like
@@ -18,7 +18,6 @@ __all__ = [
     "VolumeStore",
     "ct_from_image",
     "find_volumes",
-    "hu_patch_to_unit",
     "load_ct",
     "load_volume",
     "make_phantom",

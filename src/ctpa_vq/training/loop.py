@@ -93,7 +93,7 @@ def train(config: TrainConfig, resume: str | None = None) -> TrainResult:
         parts.dataset.set_epoch(epoch)  # the patch positions
         epoch_loader = accelerator.skip_first_batches(parts.loader, skip) if skip else parts.loader
         for batch in epoch_loader:
-            terms = train_micro_batch(parts, model_input(batch), micro_batches)
+            terms = train_micro_batch(parts, model_input(parts, batch), micro_batches)
             micro_batches += 1
             state.samples_seen += samples_per_batch
             window.add(terms, samples_per_batch)

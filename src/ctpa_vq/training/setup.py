@@ -134,7 +134,6 @@ def build_training(config: TrainConfig, accelerator: Accelerator | None = None) 
         patch_size=config.dataset.patch_size,
         patches_per_volume=config.dataset.patches_per_volume,
         seed=config.training.seed,
-        hu_window=model.config.hu_window,
         min_foreground_fraction=config.dataset.min_foreground_fraction,
     )
     loader = DataLoader(

@@ -13,13 +13,19 @@ from dataclasses import dataclass
 
 import torch
 
+from ..intensity import hu_to_unit
 from .losses import random_slices
 from .setup import TrainingParts
 
 
-def model_input(batch: dict) -> torch.Tensor:
-    """The generator's input `(B, 1, D, H, W)` in [-1, 1] from a loader batch (the one place that reads it)."""
-    return batch["pixel_values"]
+def model_input(parts: TrainingParts, batch: dict) -> torch.Tensor:
+    """The generator's input `(B, 1, D, H, W)` in [-1, 1] from a loader batch (the one place that reads it).
+
+    The loader hands out int16 HU (half the bytes of float32, pinned on CUDA); the HU window and
+    the conversion to float run here, on the device.
+    """
+    hu = batch["hu"].to(parts.accelerator.device, non_blocking=True)
+    return hu_to_unit(hu, parts.accelerator.unwrap_model(parts.model).config.hu_window)
 
 
 @dataclass

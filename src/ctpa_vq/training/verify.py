@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ipaddress
 import shutil
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +13,7 @@ import yaml
 
 from ..models import VQGAN3D
 from .config import TrainConfig
+from .memory import GIB, predict_step_memory, with_knob
 
 PASS, WARN, FAIL = "PASS", "WARN", "FAIL"
 
@@ -37,18 +40,32 @@ def _torch_checks() -> list[Check]:
     return checks
 
 
-def _accelerate_checks(path: Path | None) -> list[Check]:
+def accelerate_config_checks(path: Path | None) -> tuple[dict | None, list[Check]]:
+    """The Accelerate config as a dict (None when absent or unreadable) and its checks."""
     if path is None:
-        return [Check(WARN, "accelerate config", "none given (--accelerate-config): `accelerate launch` defaults apply")]
+        return None, [Check(WARN, "accelerate config", "none given (--accelerate-config): `accelerate launch` defaults apply")]
     if not path.is_file():
-        return [Check(FAIL, "accelerate config", f"{path}: not found")]
+        return None, [Check(FAIL, "accelerate config", f"{path}: not found")]
     try:
         cfg = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        return [Check(FAIL, "accelerate config", f"{path}: not valid YAML ({err})")]
+        return None, [Check(FAIL, "accelerate config", f"{path}: not valid YAML ({err})")]
+    if not isinstance(cfg, dict):
+        return None, [Check(FAIL, "accelerate config", f"{path}: not a mapping of Accelerate settings")]
+    return cfg, _accelerate_checks(path, cfg)
+
+
+def _accelerate_checks(path: Path, cfg: dict) -> list[Check]:
     kind, processes = cfg.get("distributed_type", "NO"), int(cfg.get("num_processes", 1))
     machines = int(cfg.get("num_machines", 1))
     checks = [Check(PASS, "accelerate config", f"{path}: {kind}, {processes} process(es), {machines} machine(s)")]
+    if processes % max(machines, 1):
+        checks.append(Check(
+            FAIL, "processes per node",
+            f"num_processes {processes} is not num_machines {machines} x GPUs per node (one process per GPU)",
+        ))
+    if machines > 1:
+        checks.append(_rendezvous_check(cfg))
     if kind == "MULTI_GPU" or (kind == "NO" and not cfg.get("use_cpu", False)):
         local = processes // max(machines, 1)
         have = torch.cuda.device_count()
@@ -62,6 +79,34 @@ def _accelerate_checks(path: Path | None) -> list[Check]:
     if cfg.get("mixed_precision") == "bf16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
         checks.append(Check(FAIL, "mixed precision", "bf16 requested but this GPU does not support it"))
     return checks
+
+
+# RFC 5737 / RFC 2606 documentation addresses and names: copied from an example, never a real node.
+_PLACEHOLDER_NETWORKS = [ipaddress.ip_network(n) for n in ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24")]
+_PLACEHOLDER_NAMES = ("example.com", "example.org", "example.net", ".example", ".invalid")
+
+
+def _rendezvous_check(cfg: dict) -> Check:
+    """Every node must reach `main_process_ip` (the rank-0 node) on `main_process_port`."""
+    address = str(cfg.get("main_process_ip") or "").strip()
+    port = cfg.get("main_process_port", 29500)
+    if not address:
+        return Check(FAIL, "rendezvous", "num_machines > 1 but no main_process_ip (the rank-0 node's address)")
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        ip = None
+    if any(ip in net for net in _PLACEHOLDER_NETWORKS) if ip else address.lower().endswith(_PLACEHOLDER_NAMES):
+        return Check(FAIL, "rendezvous", f"main_process_ip {address} is a documentation placeholder: set the "
+                     "rank-0 node's address (or pass --main_process_ip, as scripts/slurm/train.sbatch does)")
+    if (ip and ip.is_loopback) or address.lower() == "localhost":
+        return Check(FAIL, "rendezvous", f"main_process_ip {address} is a loopback address: other nodes cannot reach it")
+    if ip is None:
+        try:
+            socket.getaddrinfo(address, port)
+        except (socket.gaierror, UnicodeError):
+            return Check(FAIL, "rendezvous", f"main_process_ip {address}: this host cannot resolve that name")
+    return Check(PASS, "rendezvous", f"{address}:{port} ({cfg.get('rdzv_backend', 'static')} backend)")
 
 
 def _data_checks(config: TrainConfig) -> list[Check]:
@@ -101,6 +146,63 @@ def _disk_check(config: TrainConfig) -> Check:
     return Check(status, "disk", f"{free / 2**30:.1f} GiB free at {existing}, checkpoints need about {needed / 2**30:.2f} GiB")
 
 
-def verify_environment(config: TrainConfig, accelerate_config: Path | None = None) -> list[Check]:
+def _memory_checks(config: TrainConfig, cfg: dict | None, gpu_memory_gib: float | None) -> list[Check]:
+    """Predicted peak GPU memory per process against the GPUs found (or `gpu_memory_gib`)."""
+    cfg = cfg or {}  # no Accelerate config: `accelerate launch` defaults (one process, fp32)
+    mixed, processes = str(cfg.get("mixed_precision", "no")), int(cfg.get("num_processes", 1))
+    if mixed not in ("bf16", "no"):
+        return [Check(WARN, "GPU memory", f"mixed_precision {mixed!r}: prediction only for 'bf16' and 'no'")]
+    gan_stage = config.gan.start_step < config.training.max_steps
+    predicted = predict_step_memory(config, mixed, gan_stage, processes)
+    stage = "GAN stage" if gan_stage else "reconstruction stage"
+    summary = (f"{stage}, batch {config.training.batch_size}, patch {tuple(config.dataset.patch_size)}, "
+               f"{'bf16 autocast' if mixed == 'bf16' else 'fp32'}, gradient checkpointing "
+               f"{'on' if config.model.gradient_checkpointing else 'off'}: {predicted.describe()} "
+               f"(traced in {predicted.trace_seconds:.0f} s)")
+    if gpu_memory_gib is not None:
+        capacity, source = gpu_memory_gib * GIB, f"--gpu-memory {gpu_memory_gib:g} GiB"
+    elif torch.cuda.is_available():
+        sizes = [torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count())]
+        capacity, source = min(sizes), f"the smallest GPU here, {min(sizes) / GIB:.1f} GiB"
+    else:
+        return [Check(WARN, "GPU memory", f"{summary}; no GPU to compare with (give --gpu-memory GIB)")]
+    if predicted.per_process <= capacity:
+        return [Check(PASS, "GPU memory", f"{summary}; fits {source}")]
+    return [Check(FAIL, "GPU memory", f"{summary}; does not fit {source}. "
+                  + _knobs(config, mixed, gan_stage, processes, capacity))]
+
+
+def _knobs(config: TrainConfig, mixed: str, gan_stage: bool, processes: int, capacity: float) -> str:
+    """The knobs that lower the peak, each with its own predicted figure (one trace each)."""
+    depth, height, width = config.dataset.patch_size
+    batch = config.training.batch_size
+    candidates: list[tuple[str, TrainConfig, str]] = []
+    if not config.model.gradient_checkpointing:
+        candidates.append(("model.gradient_checkpointing=true", with_knob(config, model__gradient_checkpointing=True), mixed))
+    if mixed == "no":
+        candidates.append(("mixed_precision: bf16 in the Accelerate config", config, "bf16"))
+    if batch > 1:
+        accumulation = config.training.gradient_accumulation_steps * 2
+        smaller = with_knob(config, training__batch_size=batch // 2, training__gradient_accumulation_steps=accumulation)
+        candidates.append((f"training.batch_size={batch // 2} training.gradient_accumulation_steps={accumulation}",
+                           smaller, mixed))
+    if gan_stage and config.gan.video_gan_weight > 0:
+        candidates.append(("gan.video_gan_weight=0 (drops the 3D critic)", with_knob(config, gan__video_gan_weight=0.0), mixed))
+    if depth >= 16:
+        candidates.append((f"dataset.patch_size=[{depth // 2},{height},{width}]",
+                           with_knob(config, dataset__patch_size=(depth // 2, height, width)), mixed))
+    advice = []
+    for knob, changed, precision in candidates:
+        figure = predict_step_memory(changed, precision, gan_stage, processes).per_process
+        advice.append(f"{knob} -> {figure / GIB:.1f} GiB{' (fits)' if figure <= capacity else ''}")
+    return "Knobs, each alone: " + "; ".join(advice) if advice else "No knob left to turn: use a bigger GPU."
+
+
+def verify_environment(
+    config: TrainConfig, accelerate_config: Path | None = None, gpu_memory_gib: float | None = None
+) -> list[Check]:
     """All checks, in order; any FAIL means the run would not get far."""
-    return [*_torch_checks(), *_accelerate_checks(accelerate_config), *_data_checks(config), _disk_check(config)]
+    cfg, checks = accelerate_config_checks(accelerate_config)
+    if cfg is not None or accelerate_config is None:
+        checks += _memory_checks(config, cfg, gpu_memory_gib)
+    return [*_torch_checks(), *checks, *_data_checks(config), _disk_check(config)]
