@@ -142,11 +142,16 @@ def _add_reconstruct(subparsers) -> None:
 def _add_inference_options(parser: argparse.ArgumentParser) -> None:
     """Model, patch grid, device and progress options shared by `reconstruct` and `evaluate`."""
     parser.add_argument("--model", required=True, help="model or pipeline folder, or a Hub repo id")
-    parser.add_argument("--patch", type=int, nargs=3, metavar=("D", "H", "W"), default=(128, 256, 256),
-                        help="patch size in voxels (default 128 256 256)")
-    parser.add_argument("--overlap", type=_overlap, default=0.25,
-                        help="patch overlap: a fraction in [0, 1) or a voxel count >= 1 (default 0.25)")
-    parser.add_argument("--blend", choices=("gaussian", "linear", "constant"), default="gaussian")
+    parser.add_argument("--patch", type=int, nargs=3, metavar=("D", "H", "W"), default=None,
+                        help="patch size in voxels (default: planned per volume, the fewest voxels within "
+                        "--max-patch-voxels)")
+    parser.add_argument("--overlap", type=_overlap, default=None,
+                        help="patch overlap: a fraction in [0, 1) (with --patch only) or a voxel count >= 1 "
+                        "(default: 0.25 with --patch, 4 latent voxels = 16 voxels for a planned grid)")
+    parser.add_argument("--max-patch-voxels", type=int, default=None,
+                        help="memory budget of a planned patch in voxels (default 128*256*256 = 8388608)")
+    parser.add_argument("--blend", choices=("linear", "gaussian", "constant"), default="linear",
+                        help="how overlapping decoded patches blend (default linear: a ramp across the overlap)")
     parser.add_argument("--batch-size", type=int, default=1, help="patches per model call")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
@@ -161,6 +166,15 @@ def _load_pipeline(args: argparse.Namespace):
     pipeline.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     pipeline.set_progress_bar_config(disable=args.no_progress)
     return pipeline
+
+
+def _grid_options(args: argparse.Namespace) -> dict:
+    """The patch grid keyword arguments of `CTPAReconstructionPipeline.patch_grid`."""
+    return dict(patch_size=args.patch, overlap=args.overlap, max_patch_voxels=args.max_patch_voxels)
+
+
+def _describe_grid(args: argparse.Namespace, pipeline, shape) -> str:
+    return f"patch grid {pipeline.patch_grid(shape, **_grid_options(args)).describe()}"
 
 
 def _overlap(text: str) -> float | int:
@@ -190,8 +204,9 @@ def _run_reconstruct(args: argparse.Namespace) -> int:
         raise ValueError(f"{output}: refusing to overwrite the input")
     ct = load_ct(args.input)
     pipeline = _load_pipeline(args)
+    print(f"{args.input}: {_describe_grid(args, pipeline, ct.hu.shape)}")
     reconstruction = pipeline(
-        ct.hu, patch_size=args.patch, overlap=args.overlap, blend=args.blend, batch_size=args.batch_size
+        ct.hu, **_grid_options(args), blend=args.blend, batch_size=args.batch_size
     ).reconstruction
     if ct.hu.dtype.kind in "iu":  # integral input: write integral HU, like the input
         reconstruction = np.rint(reconstruction).astype(ct.hu.dtype)
@@ -222,10 +237,10 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from .evaluation import iter_volumes, score_volume, write_scores_csv
 
     pipeline = _load_pipeline(args)
-    grid = dict(patch_size=args.patch, overlap=args.overlap, blend=args.blend, batch_size=args.batch_size)
     scores = []
     for name, hu in iter_volumes(args.input, args.split):
-        score, _ = score_volume(pipeline, hu, name, **grid)
+        print(f"{name}: {_describe_grid(args, pipeline, hu.shape)}")
+        score, _ = score_volume(pipeline, hu, name, **_grid_options(args), blend=args.blend, batch_size=args.batch_size)
         scores.append(score)
         print(f"{name}: PSNR {score.psnr:.2f} dB, SSIM {score.ssim:.4f}, clipped {100 * score.clipped_fraction:.3f}%")
     psnr, ssim = np.mean([s.psnr for s in scores]), np.mean([s.ssim for s in scores])
