@@ -187,6 +187,30 @@ def test_nearest_takes_each_voxel_from_the_patch_with_the_nearest_centre():
     torch.testing.assert_close(out[0], expected, rtol=0, atol=0)
 
 
+def test_side_output_stitched_as_by_its_own_stitcher():
+    """A second output of the patch function (here pooled 'latents') is blended by the side
+    stitcher exactly as that stitcher would blend it alone, in the same single pass."""
+    shape, factor = (37, 30, 21), (4, 2, 4)
+    volume = torch.randn(1, *shape, generator=torch.Generator().manual_seed(5))
+    grid = PatchGrid(shape, (16, 8, 8), 0.25, align=factor)
+    pixels, latents = PatchStitcher(grid, "linear"), PatchStitcher(grid, "nearest", output_scale=[1 / f for f in factor])
+    calls = []
+
+    def pool(x):
+        return F.avg_pool3d(x, factor)
+
+    def both(x):
+        calls.append(x.shape[0])
+        return 2 * x, pool(x)
+
+    out, side = pixels(both, volume, batch_size=3, side=latents)
+    assert sum(calls) == len(grid)
+    torch.testing.assert_close(out, 2 * volume, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(side, latents(pool, volume), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="same patch grid"):
+        pixels(both, volume, side=PatchStitcher(PatchGrid(shape, (8, 8, 8), 0.25, align=factor)))
+
+
 def test_integer_volume_fed_in_model_dtype():
     volume = torch.randint(-1024, 2048, (1, 20, 13, 9), dtype=torch.int16)
     seen = []

@@ -110,9 +110,25 @@ def test_latent_grid_holds_the_codes_of_the_patch_with_the_nearest_centre(tiny):
     torch.testing.assert_close(latents[:, :, 5:], second[:, :, 1:], rtol=1e-5, atol=1e-5)
 
 
-def test_reconstruction_equals_encode_then_decode(tiny):
+def test_per_patch_route_equals_each_patch_through_the_model(tiny):
+    """Default route: each patch encoded, quantised and decoded on its own (here two abutting
+    patches, so the expected result is the two model outputs side by side)."""
+    volume = _phantom((16, 16, 12), seed=5)
+    out = tiny(volume, patch_size=(8, 16, 12), overlap=0, blend="constant", return_latents=True)
+    unit = hu_to_unit(torch.from_numpy(volume), tiny.window)[None, None]
+    with torch.inference_mode():
+        halves = [tiny.vqgan(unit[:, :, :8]).sample, tiny.vqgan(unit[:, :, 8:]).sample]
+        latents = torch.cat([tiny.vqgan.encode(unit[:, :, :8]), tiny.vqgan.encode(unit[:, :, 8:])], dim=2)
+    low, high = tiny.window
+    expected = ((torch.cat(halves, dim=2)[0, 0].clamp(-1, 1) + 1) / 2 * (high - low) + low).numpy()
+    np.testing.assert_allclose(out.reconstruction, expected, rtol=0, atol=0.05)
+    torch.testing.assert_close(out.latents, latents, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.indices, tiny.vqgan.quantize(latents)[1], rtol=0, atol=0)
+
+
+def test_latent_grid_route_equals_encode_then_decode(tiny):
     volume = _phantom((12, 20, 22))
-    out = tiny(volume, patch_size=PATCH, batch_size=8, return_latents=True)
+    out = tiny(volume, patch_size=PATCH, batch_size=8, return_latents=True, route="latent-grid")
     assert isinstance(out, CTPAReconstructionOutput)
     assert out.reconstruction.shape == volume.shape and out.reconstruction.dtype == np.float32
     low, high = tiny.window

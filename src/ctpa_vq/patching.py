@@ -365,7 +365,8 @@ class PatchStitcher:
         out_device: torch.device | str | None = None,
         out_dtype: torch.dtype = torch.float32,
         progress: SupportsUpdate | None = None,
-    ) -> torch.Tensor:
+        side: "PatchStitcher | None" = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Run ``fn`` on every patch of ``volume`` and return the blended output.
 
         Args:
@@ -379,10 +380,17 @@ class PatchStitcher:
                 ``fn`` runs on a GPU.
             out_dtype: dtype of the output and of the blending arithmetic.
             progress: advanced by the number of patches after each batch.
+            side: a second stitcher over the same grid (its own output scale and blend) for a
+                second output of ``fn``, which then returns ``(output, side_output)``: e.g. the
+                latents of a per-patch forward, kept at no extra model cost.
 
         Returns:
-            ``(C_out, *output_shape)`` on ``out_device``.
+            ``(C_out, *output_shape)`` on ``out_device``; with ``side``, also its output.
         """
+        if side is not None and (side.grid.volume_shape, side.grid.axis_origins) != (
+            self.grid.volume_shape, self.grid.axis_origins
+        ):
+            raise ValueError("the side stitcher must use the same patch grid")
         if volume.ndim != len(self.grid.volume_shape) + 1 or tuple(volume.shape[1:]) != self.grid.volume_shape:
             raise ValueError(f"volume of shape {tuple(volume.shape)} does not match (C, *{self.grid.volume_shape})")
         if batch_size < 1:
@@ -402,6 +410,10 @@ class PatchStitcher:
         indices = list(itertools.product(*(range(n) for n in self.grid.grid_shape)))
         staged: torch.Tensor | None = None
         out: torch.Tensor | None = None
+        side_out: torch.Tensor | None = None
+        if side is not None:
+            side_profiles = [[w.to(out_device, out_dtype) for w in axis] for axis in side.axis_weights]
+            side_weights = torch.empty(side.output_patch_size, dtype=out_dtype, device=out_device)
         pending: tuple[int, torch.Tensor, list] | None = None
 
         for start in range(0, len(indices), batch_size):
@@ -424,6 +436,12 @@ class PatchStitcher:
                     patches = staged[: len(batch)].to(device)
 
             result = fn(patches.to(dtype))
+            if side is not None:
+                result, side_result = result
+                if side_out is None:
+                    side_out = torch.zeros((side_result.shape[1], *side.output_shape), dtype=out_dtype, device=out_device)
+                side._accumulate(side_out, side_result.to(out_device, out_dtype), batch, side_profiles, side_weights)
+                del side_result
             expected = (len(batch), *self.output_patch_size)
             if result.ndim != len(expected) + 1 or (result.shape[0], *result.shape[2:]) != expected:
                 raise ValueError(f"patch function returned {tuple(result.shape)}, expected (B, C, ...) = {expected}")
@@ -448,7 +466,7 @@ class PatchStitcher:
         if pending is not None:
             self._accumulate(out, download.wait(pending[0], pending[1]), pending[2])
         assert out is not None
-        return out
+        return out if side is None else (out, side_out)
 
 
 def _nearest_centre_profiles(length: int, origins: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
