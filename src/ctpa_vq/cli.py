@@ -264,7 +264,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .allocator import keep_freed_memory
+
     args = build_parser().parse_args(argv)
+    keep_freed_memory()  # this process is ours: reuse freed activations instead of re-faulting them
     try:
         return int(args.handler(args) or 0)
     except (FileNotFoundError, ValueError) as err:
