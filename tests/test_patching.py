@@ -83,7 +83,8 @@ def test_planned_ctpa_grids_run_few_voxels():
     full = plan_grid((604, 512, 512), CTPA_BUDGET, 16, 4)
     assert len(full) * math.prod(full.patch_size) / (604 * 512 * 512) == full.work_multiplier <= 1.5
     fixed = PatchGrid((604, 512, 512), (128, 256, 256), 0.25, 4)
-    assert fixed.work_multiplier == pytest.approx(54 * 128 * 256 * 256 / (604 * 512 * 512)) == pytest.approx(2.87, abs=0.01)
+    expected = 54 * 128 * 256 * 256 / (604 * 512 * 512)
+    assert fixed.work_multiplier == pytest.approx(expected) == pytest.approx(2.87, abs=0.01)
     short = plan_grid((133, 512, 512), CTPA_BUDGET, 16, 4)
     assert short.grid_shape[0] == 1 and short.patch_size[0] == 136
     assert "patches of" in short.describe() and f"{short.work_multiplier:.2f}x" in short.describe()
@@ -168,7 +169,8 @@ def test_identity_model_reconstructs_exactly_with_a_planned_grid(mode):
     grid = plan_grid(shape, 2000, (4, 2, 3), (4, 2, 1))
     assert len(grid) > 8
     volume = torch.randn(1, *shape, generator=torch.Generator().manual_seed(4))
-    torch.testing.assert_close(PatchStitcher(grid, mode)(lambda x: x, volume, batch_size=3), volume, rtol=1e-6, atol=1e-6)
+    out = PatchStitcher(grid, mode)(lambda x: x, volume, batch_size=3)
+    torch.testing.assert_close(out, volume, rtol=1e-6, atol=1e-6)
 
 
 def test_nearest_takes_each_voxel_from_the_patch_with_the_nearest_centre():
@@ -183,7 +185,7 @@ def test_nearest_takes_each_voxel_from_the_patch_with_the_nearest_centre():
             min(range(len(origins)), key=lambda i: abs(x - (origins[i] + (p - 1) / 2)))
             for x, origins, p in zip(voxel, grid.axis_origins, grid.patch_size)
         ]
-        expected[voxel] = nearest[0] * grid.grid_shape[1] * grid.grid_shape[2] + nearest[1] * grid.grid_shape[2] + nearest[2]
+        expected[voxel] = (nearest[0] * grid.grid_shape[1] + nearest[1]) * grid.grid_shape[2] + nearest[2]
     torch.testing.assert_close(out[0], expected, rtol=0, atol=0)
 
 
@@ -193,7 +195,8 @@ def test_side_output_stitched_as_by_its_own_stitcher():
     shape, factor = (37, 30, 21), (4, 2, 4)
     volume = torch.randn(1, *shape, generator=torch.Generator().manual_seed(5))
     grid = PatchGrid(shape, (16, 8, 8), 0.25, align=factor)
-    pixels, latents = PatchStitcher(grid, "linear"), PatchStitcher(grid, "nearest", output_scale=[1 / f for f in factor])
+    pixels = PatchStitcher(grid, "linear")
+    latents = PatchStitcher(grid, "nearest", output_scale=[1 / f for f in factor])
     calls = []
 
     def pool(x):

@@ -240,7 +240,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     scores = []
     for name, hu in iter_volumes(args.input, args.split):
         print(f"{name}: {_describe_grid(args, pipeline, hu.shape)}")
-        score, _ = score_volume(pipeline, hu, name, **_grid_options(args), blend=args.blend, batch_size=args.batch_size)
+        options = dict(_grid_options(args), blend=args.blend, batch_size=args.batch_size)
+        score, _ = score_volume(pipeline, hu, name, **options)
         scores.append(score)
         print(f"{name}: PSNR {score.psnr:.2f} dB, SSIM {score.ssim:.4f}, clipped {100 * score.clipped_fraction:.3f}%")
     psnr, ssim = np.mean([s.psnr for s in scores]), np.mean([s.ssim for s in scores])

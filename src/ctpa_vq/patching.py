@@ -439,7 +439,8 @@ class PatchStitcher:
             if side is not None:
                 result, side_result = result
                 if side_out is None:
-                    side_out = torch.zeros((side_result.shape[1], *side.output_shape), dtype=out_dtype, device=out_device)
+                    side_shape = (side_result.shape[1], *side.output_shape)
+                    side_out = torch.zeros(side_shape, dtype=out_dtype, device=out_device)
                 side._accumulate(side_out, side_result.to(out_device, out_dtype), batch, side_profiles, side_weights)
                 del side_result
             expected = (len(batch), *self.output_patch_size)
