@@ -20,7 +20,7 @@ Sections (all by default; each prints its own table):
           whole-volume output, steepest steps at the patch transitions / elsewhere, per overlap.
 
     python benchmarks/planner.py                         # all sections, 61x512x512 timed
-    python benchmarks/planner.py --sections time --volume 133 512 512
+    python benchmarks/planner.py --sections time --volume 133 512 512 --methods planned
     python benchmarks/planner.py --sections work routes
 """
 
@@ -141,9 +141,9 @@ def _child(method: str, shape) -> dict:
     return report
 
 
-def time_table(shape) -> None:
+def time_table(shape, methods=METHODS) -> None:
     reports = {}
-    for method in METHODS:
+    for method in methods:
         command = [sys.executable, __file__, "--child", method, "--volume", *map(str, shape)]
         result = subprocess.run(command, capture_output=True, text=True, check=False)
         if result.returncode:
@@ -233,6 +233,8 @@ def main() -> None:
     parser.add_argument("--sections", nargs="+", default=["work", "time", "routes", "seams"],
                         choices=["work", "time", "routes", "seams"])
     parser.add_argument("--volume", type=int, nargs=3, default=[61, 512, 512], metavar=("D", "H", "W"))
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
+                        help="methods of the time section (the floor is always run)")
     parser.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -242,7 +244,7 @@ def main() -> None:
     if "work" in args.sections:
         work_table()
     if "time" in args.sections:
-        time_table(tuple(args.volume))
+        time_table(tuple(args.volume), ["floor"] + [m for m in args.methods if m != "floor"])
     if "routes" in args.sections:
         routes_table()
     if "seams" in args.sections:

@@ -10,7 +10,7 @@ in the heap and the next patch reuses them: 33 thousand faults and system time n
 
 `keep_freed_memory()` sets this through `mallopt`; the `ctpa-vq` command calls it, since it
 owns its process. Libraries embedding the pipeline may call it, or set the same through the
-environment before Python starts: `MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<bytes>`.
+environment before Python starts: `MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=-1`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import functools
 
 _M_TRIM_THRESHOLD = -1  # <malloc.h>
 _M_MMAP_MAX = -4
-_NEVER_TRIM = 2**62  # bytes above the heap top before it is given back: never, in practice
+_NEVER = -1  # M_TRIM_THRESHOLD of -1 disables trimming (mallopt(3))
 
 
 @functools.cache
@@ -35,5 +35,4 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError, TypeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    trim = min(_NEVER_TRIM, 2**31 - 1)  # mallopt takes an int
-    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, trim))
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _NEVER))
