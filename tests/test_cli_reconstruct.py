@@ -130,3 +130,25 @@ def test_bad_model_and_output_arguments(model_dir, tmp_path, capsys):
     assert main(base + ["--model", str(model_dir), "--output", str(tmp_path / "o.png")]) == 2
     assert main(base + ["--model", str(model_dir), "--output", str(source)]) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.nii.gz"]
+
+
+def test_default_grid_is_planned_and_printed(model_dir, tmp_path, capsys):
+    """Without --patch the grid is planned per volume and the plan printed; --max-patch-voxels
+    bounds the patch and gives the same result as the pipeline with that budget."""
+    source = _write(tmp_path / "in.nii.gz", _ct_data((30, 20, 24)))
+    ct = load_ct(source)
+    base = ["reconstruct", "--model", str(model_dir), "--input", str(source), "--no-progress"]
+    assert main(base + ["--output", str(tmp_path / "one.nii.gz")]) == 0
+    one_patch = f"1 x 1 x 1 = 1 patches of {' x '.join(str(-(-n // 4) * 4) for n in ct.hu.shape)} voxels"
+    assert one_patch in capsys.readouterr().out
+
+    assert main(base + ["--output", str(tmp_path / "many.nii.gz"), "--max-patch-voxels", "10000"]) == 0
+    printed = capsys.readouterr().out
+    assert "patch grid" in printed and "x the volume's voxels" in printed and one_patch not in printed
+    pipeline = load_reconstruction_pipeline(model_dir)
+    pipeline.set_progress_bar_config(disable=True)
+    grid = pipeline.patch_grid(ct.hu.shape, max_patch_voxels=10000)
+    assert len(grid) > 1 and grid.describe() in printed
+    expected = np.rint(pipeline(ct.hu, max_patch_voxels=10000).reconstruction).astype(np.int16)
+    written = np.asanyarray(nib.load(tmp_path / "many.nii.gz").dataobj)
+    np.testing.assert_array_equal(written, ct.to_source_orientation(expected))

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ctpa_vq.patching import BLEND_MODES, PatchGrid, PatchStitcher, blend_profile, blend_weights
+from ctpa_vq.patching import BLEND_MODES, PatchGrid, PatchStitcher, blend_profile, blend_weights, plan_grid
 
 GRID_CASES = [
     # volume shape, patch size, overlap, align
@@ -45,6 +45,68 @@ def test_default_ctpa_grid_has_54_patches():
     assert grid.stride == (96, 192, 192)
     assert grid.grid_shape == (6, 3, 3) and len(grid) == 54
     assert grid.axis_origins[0] == (0, 96, 192, 288, 384, 476)
+
+
+CTPA_BUDGET = 128 * 256 * 256
+PLAN_CASES = [
+    # volume shape, max patch voxels, overlap, align
+    ((604, 512, 512), CTPA_BUDGET, 16, 4),
+    ((133, 512, 512), CTPA_BUDGET, 16, 4),
+    ((61, 512, 512), CTPA_BUDGET, 16, 4),
+    ((37, 50, 23), 2000, (4, 2, 3), (4, 2, 1)),
+    ((5, 7, 3), 10**6, 8, 4),  # smaller than one aligned patch
+]
+
+
+def _check_covered(grid: PatchGrid, overlap) -> None:
+    """Every voxel covered, aligned patches and origins, neighbours sharing at least ``overlap``."""
+    for axis, origins in enumerate(grid.axis_origins):
+        p, a, o = grid.patch_size[axis], grid.align[axis], overlap[axis]
+        covered = torch.zeros(grid.padded_shape[axis], dtype=torch.int64)
+        for start in origins:
+            covered[start : start + p] += 1
+        assert covered.min() >= 1 and grid.padded_shape[axis] >= grid.volume_shape[axis]
+        assert p % a == 0 and all(start % a == 0 for start in origins)
+        assert all(second - first <= p - o for first, second in zip(origins, origins[1:]))
+
+
+@pytest.mark.parametrize("shape, budget, overlap, align", PLAN_CASES)
+def test_planned_grid_covers_every_voxel_within_budget(shape, budget, overlap, align):
+    grid = plan_grid(shape, budget, overlap, align)
+    assert math.prod(grid.patch_size) <= budget
+    _check_covered(grid, [overlap] * 3 if isinstance(overlap, int) else overlap)
+
+
+def test_planned_ctpa_grids_run_few_voxels():
+    """604 slices: at most 1.5x the volume's voxels (the fixed 128x256x256 grid at 25%: 54
+    patches, 2.87x); 133 slices: one 136-deep patch along D (the fixed grid: two)."""
+    full = plan_grid((604, 512, 512), CTPA_BUDGET, 16, 4)
+    assert len(full) * math.prod(full.patch_size) / (604 * 512 * 512) == full.work_multiplier <= 1.5
+    fixed = PatchGrid((604, 512, 512), (128, 256, 256), 0.25, 4)
+    expected = 54 * 128 * 256 * 256 / (604 * 512 * 512)
+    assert fixed.work_multiplier == pytest.approx(expected) == pytest.approx(2.87, abs=0.01)
+    short = plan_grid((133, 512, 512), CTPA_BUDGET, 16, 4)
+    assert short.grid_shape[0] == 1 and short.patch_size[0] == 136
+    assert "patches of" in short.describe() and f"{short.work_multiplier:.2f}x" in short.describe()
+
+
+def test_planned_grid_is_the_cheapest_grid():
+    """Brute force over every aligned patch size: no grid within the budget runs fewer voxels."""
+    shape, budget, overlap, align = (37, 50, 23), 2000, (4, 2, 3), (4, 2, 1)
+    planned = plan_grid(shape, budget, overlap, align)
+    lengths = [-(-s // a) * a for s, a in zip(shape, align)]
+    cheapest = min(
+        len(grid) * math.prod(grid.patch_size)
+        for patch in itertools.product(*(range(o + a, n + 1, a) for n, o, a in zip(lengths, overlap, align)))
+        if math.prod(patch) <= budget
+        for grid in [PatchGrid(shape, patch, overlap, align)]
+    )
+    assert len(planned) * math.prod(planned.patch_size) == cheapest
+
+
+def test_plan_rejects_a_budget_nothing_fits():
+    with pytest.raises(ValueError, match="voxels per patch"):
+        plan_grid((64, 64, 64), 100, 8, 4)
 
 
 def test_grid_rejects_bad_arguments():
@@ -99,6 +161,57 @@ def test_identity_model_reconstructs_exactly(mode, shape, patch, overlap):
         assert torch.equal(volume, original)  # the input is never written to
     exact = stitcher(lambda x: x, volume.double(), out_dtype=torch.float64)
     torch.testing.assert_close(exact, volume.double(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", BLEND_MODES + ("nearest",))
+def test_identity_model_reconstructs_exactly_with_a_planned_grid(mode):
+    shape = (37, 50, 23)
+    grid = plan_grid(shape, 2000, (4, 2, 3), (4, 2, 1))
+    assert len(grid) > 8
+    volume = torch.randn(1, *shape, generator=torch.Generator().manual_seed(4))
+    out = PatchStitcher(grid, mode)(lambda x: x, volume, batch_size=3)
+    torch.testing.assert_close(out, volume, rtol=1e-6, atol=1e-6)
+
+
+def test_nearest_takes_each_voxel_from_the_patch_with_the_nearest_centre():
+    """A model adding its patch's number: each voxel holds the number of the patch whose centre
+    is nearest along every axis (no averaging, the first patch on ties)."""
+    shape = (20, 13, 9)
+    grid = PatchGrid(shape, (8, 6, 4), (3, 2, 1))
+    out = PatchStitcher(grid, "nearest")(_offset_model(torch.arange(len(grid)).double()), torch.zeros(1, *shape))
+    expected = torch.zeros(shape)
+    for voxel in itertools.product(*map(range, shape)):
+        nearest = [
+            min(range(len(origins)), key=lambda i: abs(x - (origins[i] + (p - 1) / 2)))
+            for x, origins, p in zip(voxel, grid.axis_origins, grid.patch_size)
+        ]
+        expected[voxel] = (nearest[0] * grid.grid_shape[1] + nearest[1]) * grid.grid_shape[2] + nearest[2]
+    torch.testing.assert_close(out[0], expected, rtol=0, atol=0)
+
+
+def test_side_output_stitched_as_by_its_own_stitcher():
+    """A second output of the patch function (here pooled 'latents') is blended by the side
+    stitcher exactly as that stitcher would blend it alone, in the same single pass."""
+    shape, factor = (37, 30, 21), (4, 2, 4)
+    volume = torch.randn(1, *shape, generator=torch.Generator().manual_seed(5))
+    grid = PatchGrid(shape, (16, 8, 8), 0.25, align=factor)
+    pixels = PatchStitcher(grid, "linear")
+    latents = PatchStitcher(grid, "nearest", output_scale=[1 / f for f in factor])
+    calls = []
+
+    def pool(x):
+        return F.avg_pool3d(x, factor)
+
+    def both(x):
+        calls.append(x.shape[0])
+        return 2 * x, pool(x)
+
+    out, side = pixels(both, volume, batch_size=3, side=latents)
+    assert sum(calls) == len(grid)
+    torch.testing.assert_close(out, 2 * volume, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(side, latents(pool, volume), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="same patch grid"):
+        pixels(both, volume, side=PatchStitcher(PatchGrid(shape, (8, 8, 8), 0.25, align=factor)))
 
 
 def test_integer_volume_fed_in_model_dtype():

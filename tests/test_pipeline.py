@@ -72,9 +72,63 @@ def test_exact_model_reconstructs_input_exactly(blend, shape):
     assert out.latents.shape == (1, 8, *(-(-s // f) for s, f in zip(shape, (2, 4, 4))))
 
 
-def test_reconstruction_equals_encode_then_decode(tiny):
+def test_planned_grid_is_the_default_and_exact_for_an_exact_model():
+    """No patch size given: the planned grid (here forced to many patches by a small budget)
+    still reconstructs an exact model's input exactly."""
+    model = BlockAutoencoder.from_preset("tiny", downsample_factor=(2, 4, 4))
+    volume = _block_volume((37, 21, 30), (2, 4, 4))
+    pipeline = _pipeline(model)
+    grid = pipeline.patch_grid(volume.shape, max_patch_voxels=16 * 16 * 16)
+    assert len(grid) > 4 and all(p % f == 0 for p, f in zip(grid.patch_size, (2, 4, 4)))
+    out = pipeline(volume, max_patch_voxels=16 * 16 * 16, batch_size=3)
+    np.testing.assert_allclose(out.reconstruction, np.clip(volume, *model.config.hu_window), rtol=0, atol=2e-3)
+    with pytest.raises(ValueError, match="planned grid"):
+        pipeline(volume, overlap=0.25)
+
+
+def test_default_grid_runs_a_133_slice_volume_as_one_patch_along_d(tiny):
+    """The fixed 128-deep patch took two patches along D; the planned grid takes one of 136."""
+    seen = []
+    hook = tiny.vqgan.encoder.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape)))
+    try:
+        tiny(_phantom((133, 8, 12)), batch_size=4)
+    finally:
+        hook.remove()
+    assert seen == [(1, 1, 136, 8, 12)]
+
+
+def test_latent_grid_holds_the_codes_of_the_patch_with_the_nearest_centre(tiny):
+    """Default latent route: each latent voxel is the encoding of the patch whose centre is
+    nearest (so the quantised grid holds the codes per-patch inference uses), not an average."""
+    volume = _phantom((40, 16, 16), seed=4)
+    latents = tiny.encode_volume(volume, patch_size=(24, 16, 16), overlap=8)  # origins 0 and 16 along D
+    unit = hu_to_unit(torch.from_numpy(volume), tiny.window)[None, None]
+    with torch.inference_mode():
+        first, second = tiny.vqgan.encode(unit[:, :, :24]), tiny.vqgan.encode(unit[:, :, 16:])
+    # patch centres at 11.5 and 27.5 pixels: latent rows 0-4 (pixels 0-19) from the first patch
+    torch.testing.assert_close(latents[:, :, :5], first[:, :, :5], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(latents[:, :, 5:], second[:, :, 1:], rtol=1e-5, atol=1e-5)
+
+
+def test_per_patch_route_equals_each_patch_through_the_model(tiny):
+    """Default route: each patch encoded, quantised and decoded on its own (here two abutting
+    patches, so the expected result is the two model outputs side by side)."""
+    volume = _phantom((16, 16, 12), seed=5)
+    out = tiny(volume, patch_size=(8, 16, 12), overlap=0, blend="constant", return_latents=True)
+    unit = hu_to_unit(torch.from_numpy(volume), tiny.window)[None, None]
+    with torch.inference_mode():
+        halves = [tiny.vqgan(unit[:, :, :8]).sample, tiny.vqgan(unit[:, :, 8:]).sample]
+        latents = torch.cat([tiny.vqgan.encode(unit[:, :, :8]), tiny.vqgan.encode(unit[:, :, 8:])], dim=2)
+    low, high = tiny.window
+    expected = ((torch.cat(halves, dim=2)[0, 0].clamp(-1, 1) + 1) / 2 * (high - low) + low).numpy()
+    np.testing.assert_allclose(out.reconstruction, expected, rtol=0, atol=0.05)
+    torch.testing.assert_close(out.latents, latents, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.indices, tiny.vqgan.quantize(latents)[1], rtol=0, atol=0)
+
+
+def test_latent_grid_route_equals_encode_then_decode(tiny):
     volume = _phantom((12, 20, 22))
-    out = tiny(volume, patch_size=PATCH, batch_size=8, return_latents=True)
+    out = tiny(volume, patch_size=PATCH, batch_size=8, return_latents=True, route="latent-grid")
     assert isinstance(out, CTPAReconstructionOutput)
     assert out.reconstruction.shape == volume.shape and out.reconstruction.dtype == np.float32
     low, high = tiny.window

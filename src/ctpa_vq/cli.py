@@ -187,11 +187,16 @@ def _add_reconstruct(subparsers) -> None:
 def _add_inference_options(parser: argparse.ArgumentParser) -> None:
     """Model, patch grid, device and progress options shared by `reconstruct` and `evaluate`."""
     parser.add_argument("--model", required=True, help="model or pipeline folder, or a Hub repo id")
-    parser.add_argument("--patch", type=int, nargs=3, metavar=("D", "H", "W"), default=(128, 256, 256),
-                        help="patch size in voxels (default 128 256 256)")
-    parser.add_argument("--overlap", type=_overlap, default=0.25,
-                        help="patch overlap: a fraction in [0, 1) or a voxel count >= 1 (default 0.25)")
-    parser.add_argument("--blend", choices=("gaussian", "linear", "constant"), default="gaussian")
+    parser.add_argument("--patch", type=int, nargs=3, metavar=("D", "H", "W"), default=None,
+                        help="patch size in voxels (default: planned per volume, the fewest voxels within "
+                        "--max-patch-voxels)")
+    parser.add_argument("--overlap", type=_overlap, default=None,
+                        help="patch overlap: a fraction in [0, 1) (with --patch only) or a voxel count >= 1 "
+                        "(default: 0.25 with --patch, 4 latent voxels = 16 voxels for a planned grid)")
+    parser.add_argument("--max-patch-voxels", type=int, default=None,
+                        help="memory budget of a planned patch in voxels (default 128*256*256 = 8388608)")
+    parser.add_argument("--blend", choices=("linear", "gaussian", "constant"), default="linear",
+                        help="how overlapping decoded patches blend (default linear: a ramp across the overlap)")
     parser.add_argument("--batch-size", type=int, default=1, help="patches per model call")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
@@ -237,6 +242,15 @@ def _device(name: str | None):
     return device
 
 
+def _grid_options(args: argparse.Namespace) -> dict:
+    """The patch grid keyword arguments of `CTPAReconstructionPipeline.patch_grid`."""
+    return dict(patch_size=args.patch, overlap=args.overlap, max_patch_voxels=args.max_patch_voxels)
+
+
+def _describe_grid(args: argparse.Namespace, pipeline, shape) -> str:
+    return f"patch grid {pipeline.patch_grid(shape, **_grid_options(args)).describe()}"
+
+
 def _overlap(text: str) -> float | int:
     value = float(text)
     if value < 1:
@@ -269,8 +283,9 @@ def _run_reconstruct(args: argparse.Namespace) -> int:
     ct = load_volume(args.input)
     pipeline = _load_pipeline(args)
     hu = ct.hu if args.spacing is None else resample(ct.hu, ct.spacing, args.spacing)
+    print(f"{args.input}: {_describe_grid(args, pipeline, hu.shape)}")
     reconstruction = pipeline(
-        hu, patch_size=args.patch, overlap=args.overlap, blend=args.blend, batch_size=args.batch_size
+        hu, **_grid_options(args), blend=args.blend, batch_size=args.batch_size
     ).reconstruction
     if args.spacing is not None:  # back onto the input's own grid
         reconstruction = resample(reconstruction, args.spacing, ct.spacing, shape=ct.shape)
@@ -313,11 +328,13 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from .evaluation import iter_volumes, score_volume, write_scores_csv
 
     pipeline = _load_pipeline(args)
-    grid = dict(patch_size=args.patch, overlap=args.overlap, blend=args.blend, batch_size=args.batch_size)
+    options = dict(_grid_options(args), blend=args.blend, batch_size=args.batch_size)
     scores, failures = [], []
     for name, read in iter_volumes(args.input, args.split, name=_pseudonymise(args)):
         try:
-            score, _ = score_volume(pipeline, read(), name, **grid)
+            hu = read()
+            print(f"{name}: {_describe_grid(args, pipeline, hu.shape)}")
+            score, _ = score_volume(pipeline, hu, name, **options)
         except SkippedSeries as err:
             print(f"skipped {err}")
             continue
@@ -356,7 +373,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .allocator import keep_freed_memory
+
     args = build_parser().parse_args(argv)
+    keep_freed_memory()  # this process is ours: reuse freed activations instead of re-faulting them
     try:
         return int(args.handler(args) or 0)
     except (FileNotFoundError, ValueError) as err:

@@ -38,14 +38,17 @@ def score_volume(
     pipeline: CTPAReconstructionPipeline,
     hu: np.ndarray,
     name: str,
-    patch_size: Sequence[int],
-    overlap: float | int = 0.25,
-    blend: str = "gaussian",
+    patch_size: Sequence[int] | None = None,
+    overlap: float | int | None = None,
+    blend: str = "linear",
     batch_size: int = 1,
+    max_patch_voxels: int | None = None,
 ) -> tuple[VolumeScore, CTPAReconstructionOutput]:
-    """Reconstruct `hu` `(D, H, W)` (with latents and indices) and score it."""
+    """Reconstruct `hu` `(D, H, W)` (with latents and indices) and score it; the grid as for
+    `CTPAReconstructionPipeline.patch_grid` (planned by default)."""
     result = pipeline(
-        hu, patch_size=patch_size, overlap=overlap, blend=blend, batch_size=batch_size, return_latents=True
+        hu, patch_size=patch_size, overlap=overlap, blend=blend, batch_size=batch_size, return_latents=True,
+        max_patch_voxels=max_patch_voxels,
     )
     scores = reconstruction_metrics(result.reconstruction, hu, pipeline.window, device=pipeline.vqgan.device)
     clipped = sum(clipped_fraction(hu, pipeline.window))

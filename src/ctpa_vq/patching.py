@@ -40,6 +40,10 @@ import torch.nn.functional as F
 
 BlendMode = Literal["constant", "linear", "gaussian"]
 BLEND_MODES: tuple[str, ...] = ("constant", "linear", "gaussian")
+StitchMode = Literal["constant", "linear", "gaussian", "nearest"]
+STITCH_MODES: tuple[str, ...] = BLEND_MODES + ("nearest",)
+"""Blend modes plus ``nearest``: each voxel taken whole from the patch whose centre is nearest
+(0/1 weights), for grids that must not be averaged, such as codebook vectors."""
 
 PatchFn = Callable[[torch.Tensor], torch.Tensor]
 """Maps a batch of patches ``(B, C_in, *patch_size)`` to ``(B, C_out, *patch_size * output_scale)``."""
@@ -132,11 +136,85 @@ class PatchGrid:
     def __len__(self) -> int:
         return math.prod(self.grid_shape)
 
+    @property
+    def work_multiplier(self) -> float:
+        """Voxels run through the model (patches x patch voxels) per voxel of the volume."""
+        return len(self) * math.prod(self.patch_size) / math.prod(self.volume_shape)
+
+    def describe(self) -> str:
+        """One line for users, e.g. ``6 x 2 x 2 = 24 patches of 116 x 264 x 264 voxels, 1.22x the volume's voxels``."""
+        counts = " x ".join(map(str, self.grid_shape))
+        patch = " x ".join(map(str, self.patch_size))
+        return f"{counts} = {len(self)} patches of {patch} voxels, {self.work_multiplier:.2f}x the volume's voxels"
+
     def __repr__(self) -> str:
         return (
             f"PatchGrid(volume_shape={self.volume_shape}, patch_size={self.patch_size}, stride={self.stride}, "
             f"align={self.align}, grid_shape={self.grid_shape}, patches={len(self)})"
         )
+
+
+def _axis_options(length: int, overlap: int, align: int) -> list[tuple[int, int]]:
+    """``(voxels run, patch size)`` along one axis of padded ``length``, one per patch count,
+    each with the smallest aligned patch that ``count`` patches overlapping by ``overlap`` need."""
+    options, seen = [], set()
+    for count in range(1, length // align + 1):
+        patch = length if count == 1 else -(-(length + (count - 1) * overlap) // (count * align)) * align
+        if count > 1 and patch - overlap < align:
+            break
+        if patch in seen:
+            continue
+        seen.add(patch)
+        actual = 1 if patch == length else math.ceil((length - patch) / (patch - overlap)) + 1
+        options.append((actual * patch, patch))
+    return options
+
+
+def plan_grid(
+    volume_shape: Sequence[int],
+    max_patch_voxels: int,
+    overlap: int | Sequence[int] = 0,
+    align: int | Sequence[int] = 1,
+) -> PatchGrid:
+    """The patch grid that runs the fewest voxels through a model, within a memory budget per patch.
+
+    Per axis, ``n`` patches overlapping by ``overlap`` voxels need patches of at least
+    ``(L + (n - 1) * overlap) / n`` (``L``: the axis rounded up to ``align``), rounded up to
+    ``align``; one patch needs no overlap at all. Of all per-axis choices whose patch holds at
+    most ``max_patch_voxels``, the one with the fewest voxels run wins (ties: fewer patches).
+    E.g. 133 x 512 x 512 with align 4 fits one 136-deep patch along D when the budget allows.
+
+    Args:
+        volume_shape: spatial shape of the volume.
+        max_patch_voxels: the most voxels one patch may hold (the memory budget).
+        overlap: per axis, voxels that neighbouring patches must share (rounded up to ``align``).
+        align: per axis, the multiple that patch sizes and origins must respect (a model's
+            downsampling factor).
+    """
+    shape = tuple(int(s) for s in volume_shape)
+    ndim = len(shape)
+    aligns = tuple(int(a) for a in _per_axis(align, ndim, "align"))
+    overlaps = tuple(-(-int(o) // a) * a for o, a in zip(_per_axis(overlap, ndim, "overlap"), aligns))
+    if min(shape, default=0) < 1 or min(aligns) < 1 or min(overlaps) < 0:
+        raise ValueError(f"need a positive volume shape {shape}, align {aligns} and non-negative overlap {overlaps}")
+    per_axis = [_axis_options(-(-s // a) * a, o, a) for s, o, a in zip(shape, overlaps, aligns)]
+    best: tuple[int, int, tuple[int, ...]] | None = None
+    for choice in itertools.product(*per_axis):
+        voxels = math.prod(p for _, p in choice)
+        if voxels > max_patch_voxels:
+            continue
+        work = math.prod(w for w, _ in choice)
+        key = (work, -voxels, tuple(p for _, p in choice))
+        if best is None or key < best:
+            best = key
+    if best is None:
+        smallest = math.prod(min(p for _, p in axis) for axis in per_axis)
+        raise ValueError(
+            f"no patch grid for volume {shape} fits {max_patch_voxels} voxels per patch with overlap {overlaps} "
+            f"and align {aligns}: the smallest patch holds {smallest} voxels"
+        )
+    lengths = [-(-s // a) * a for s, a in zip(shape, aligns)]
+    return PatchGrid(shape, best[2], [o if p < n else 0 for o, p, n in zip(overlaps, best[2], lengths)], aligns)
 
 
 def blend_profile(length: int, mode: BlendMode, ramp: int = 1, sigma_scale: float = 0.125) -> torch.Tensor:
@@ -181,7 +259,8 @@ class PatchStitcher:
 
     Args:
         grid: the patch grid over the *input* volume.
-        blend: ``"gaussian"`` (default), ``"linear"`` or ``"constant"``.
+        blend: ``"gaussian"`` (default), ``"linear"``, ``"constant"`` or ``"nearest"`` (no
+            averaging: each output voxel is the output of the patch whose centre is nearest).
         output_scale: per axis, output voxels per input voxel (e.g. ``1/4`` for an encoder
             with downsampling 4, ``4`` for its decoder); floats are read as fractions.
         output_shape: spatial shape of the result; default ``volume_shape * output_scale``
@@ -192,13 +271,13 @@ class PatchStitcher:
     def __init__(
         self,
         grid: PatchGrid,
-        blend: BlendMode = "gaussian",
+        blend: StitchMode = "gaussian",
         output_scale: float | Fraction | Sequence[float | Fraction] = 1,
         output_shape: Sequence[int] | None = None,
         sigma_scale: float = 0.125,
     ) -> None:
-        if blend not in BLEND_MODES:
-            raise ValueError(f"unknown blend mode {blend!r}; choose one of {BLEND_MODES}")
+        if blend not in STITCH_MODES:
+            raise ValueError(f"unknown blend mode {blend!r}; choose one of {STITCH_MODES}")
         ndim = len(grid.volume_shape)
         scales = tuple(Fraction(s).limit_denominator(1 << 16) for s in _per_axis(output_scale, ndim, "output_scale"))
         if min(scales) <= 0:
@@ -226,6 +305,8 @@ class PatchStitcher:
         self, length: int, origins: tuple[int, ...], ramp: int, sigma_scale: float
     ) -> tuple[torch.Tensor, ...]:
         """Per origin, the 1D profile divided by the sum of all profiles over that axis (float64)."""
+        if self.blend == "nearest":
+            return _nearest_centre_profiles(length, origins)
         profile = blend_profile(length, self.blend, ramp, sigma_scale)
         total = torch.zeros(origins[-1] + length, dtype=torch.float64)
         for o in origins:
@@ -284,7 +365,8 @@ class PatchStitcher:
         out_device: torch.device | str | None = None,
         out_dtype: torch.dtype = torch.float32,
         progress: SupportsUpdate | None = None,
-    ) -> torch.Tensor:
+        side: "PatchStitcher | None" = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Run ``fn`` on every patch of ``volume`` and return the blended output.
 
         Args:
@@ -298,10 +380,17 @@ class PatchStitcher:
                 ``fn`` runs on a GPU.
             out_dtype: dtype of the output and of the blending arithmetic.
             progress: advanced by the number of patches after each batch.
+            side: a second stitcher over the same grid (its own output scale and blend) for a
+                second output of ``fn``, which then returns ``(output, side_output)``: e.g. the
+                latents of a per-patch forward, kept at no extra model cost.
 
         Returns:
-            ``(C_out, *output_shape)`` on ``out_device``.
+            ``(C_out, *output_shape)`` on ``out_device``; with ``side``, also its output.
         """
+        if side is not None and (side.grid.volume_shape, side.grid.axis_origins) != (
+            self.grid.volume_shape, self.grid.axis_origins
+        ):
+            raise ValueError("the side stitcher must use the same patch grid")
         if volume.ndim != len(self.grid.volume_shape) + 1 or tuple(volume.shape[1:]) != self.grid.volume_shape:
             raise ValueError(f"volume of shape {tuple(volume.shape)} does not match (C, *{self.grid.volume_shape})")
         if batch_size < 1:
@@ -321,6 +410,10 @@ class PatchStitcher:
         indices = list(itertools.product(*(range(n) for n in self.grid.grid_shape)))
         staged: torch.Tensor | None = None
         out: torch.Tensor | None = None
+        side_out: torch.Tensor | None = None
+        if side is not None:
+            side_profiles = [[w.to(out_device, out_dtype) for w in axis] for axis in side.axis_weights]
+            side_weights = torch.empty(side.output_patch_size, dtype=out_dtype, device=out_device)
         pending: tuple[int, torch.Tensor, list] | None = None
 
         for start in range(0, len(indices), batch_size):
@@ -343,6 +436,13 @@ class PatchStitcher:
                     patches = staged[: len(batch)].to(device)
 
             result = fn(patches.to(dtype))
+            if side is not None:
+                result, side_result = result
+                if side_out is None:
+                    side_shape = (side_result.shape[1], *side.output_shape)
+                    side_out = torch.zeros(side_shape, dtype=out_dtype, device=out_device)
+                side._accumulate(side_out, side_result.to(out_device, out_dtype), batch, side_profiles, side_weights)
+                del side_result
             expected = (len(batch), *self.output_patch_size)
             if result.ndim != len(expected) + 1 or (result.shape[0], *result.shape[2:]) != expected:
                 raise ValueError(f"patch function returned {tuple(result.shape)}, expected (B, C, ...) = {expected}")
@@ -367,7 +467,15 @@ class PatchStitcher:
         if pending is not None:
             self._accumulate(out, download.wait(pending[0], pending[1]), pending[2])
         assert out is not None
-        return out
+        return out if side is None else (out, side_out)
+
+
+def _nearest_centre_profiles(length: int, origins: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
+    """Per origin, 1 where its patch's centre is the nearest (the first one on ties), else 0 (float64)."""
+    position = torch.arange(origins[-1] + length, dtype=torch.float64)
+    centres = torch.tensor(origins, dtype=torch.float64) + (length - 1) / 2
+    owner = (position[:, None] - centres[None]).abs().argmin(dim=1)
+    return tuple((owner[o : o + length] == i).double() for i, o in enumerate(origins))
 
 
 def _outer(

@@ -16,12 +16,20 @@ from diffusers.utils import BaseOutput
 from ..data.nifti import ct_from_image, load_ct
 from ..intensity import hu_to_unit, unit_to_hu
 from ..models import VQGAN3D
-from ..patching import BlendMode, PatchGrid, PatchStitcher
+from ..patching import BlendMode, PatchGrid, PatchStitcher, StitchMode, plan_grid
 
 VolumeInput = Union[np.ndarray, torch.Tensor, str, os.PathLike, nib.Nifti1Image]
 """A (D, H, W) HU array/tensor in canonical orientation, a NIfTI path, or a nibabel image."""
 
 DEFAULT_PATCH_SIZE = (128, 256, 256)
+"""The patch of an explicit grid when only an overlap fraction is given (the seeds' 256x256x128)."""
+DEFAULT_MAX_PATCH_VOXELS = 128 * 256 * 256
+"""Memory budget of a planned patch: the voxels of the seeds' patch, which the `ctpa-512` model
+runs in bf16 on one 80 GB GPU and the `tiny` model in about 2 GB on a CPU."""
+SEAM_FREE_LATENT_OVERLAP = 4
+"""Latent voxels neighbouring planned patches share (16 pixels at 4x downsampling): the smallest
+overlap at which a trained `tiny` model's patch-wise output shows no seam (benchmarks/planner.py)."""
+ROUTES = ("per-patch", "latent-grid")
 _SLAB = 16  # slices converted HU <-> [-1, 1] at a time, to bound temporaries
 _QUANTIZE_BYTES = 1 << 28  # distance-matrix budget per quantizer call
 
@@ -45,17 +53,19 @@ class CTPAReconstructionOutput(BaseOutput):
 class CTPAReconstructionPipeline(DiffusionPipeline):
     r"""Reconstruct whole CT volumes with a `VQGAN3D` from overlapping, blended patches.
 
-    The route is *encode the whole latent grid, then decode it*, not a per-patch forward:
+    The patch grid is planned per volume (`patch_grid`): the fewest voxels run within a memory
+    budget per patch, neighbours sharing 16 voxels, patches aligned to the downsampling factor.
 
-    1. `encode_volume`: patches of `patch_size` (aligned to the model's downsampling factor)
-       are encoded and their latents blended into one latent grid `(1, C, d, h, w)`;
-    2. the grid is quantised (pointwise, in chunks; nothing to blend);
-    3. `decode_latents`: latent patches are decoded and blended into the HU volume.
+    Two routes, both running each patch through the encoder once and the decoder once:
 
-    Why: the reconstruction is then exactly what a DDPM trained on these latents gets back from
-    `decode_latents`, so the reported PSNR/SSIM measure the path the DDPM uses; latents and
-    indices come as one consistent grid at no extra cost; and the cost equals a per-patch
-    forward (each patch is encoded once and its latent patch decoded once).
+    - `"per-patch"` (default): each patch is encoded, quantised and decoded on its own, decoded
+      patches are blended in pixels, and the latent grid is stitched from the same encodings,
+      each latent voxel from the patch whose centre is nearest (`latent_blend="nearest"`), so
+      its codes are those the reconstruction used. The decoder was trained on patches with
+      their own latents; mixing codes from neighbouring patches costs it 0.1 dB (trained
+      `tiny`, 27 patches of 64^3 on 133x160x160), which this route does not pay.
+    - `"latent-grid"`: `encode_volume`, `quantize_latents`, `decode_latents`: the path a DDPM's
+      samples take, so its PSNR is what a DDPM trained on these latents gets back.
 
     Patch sizes larger than the volume are shrunk to the volume (rounded up to the
     downsampling factor): the model is fully convolutional, so this only saves the work of
@@ -133,14 +143,33 @@ class CTPAReconstructionPipeline(DiffusionPipeline):
             slab.copy_(unit_to_hu(slab, self.window))
         return unit
 
-    def _grid(
-        self, shape: Sequence[int], patch_size: Sequence[int], overlap: float | int | Sequence[float | int]
+    def patch_grid(
+        self,
+        volume_shape: Sequence[int],
+        patch_size: Sequence[int] | None = None,
+        overlap: float | int | Sequence[float | int] | None = None,
+        max_patch_voxels: int | None = None,
     ) -> PatchGrid:
-        """Pixel-space grid aligned to the downsampling factor, patches no larger than the volume."""
+        """The pixel-space patch grid for a `(D, H, W)` volume, aligned to the downsampling factor.
+
+        Planned (the default, `patch_size=None`): the grid that runs the fewest voxels with at
+        most `max_patch_voxels` (default `DEFAULT_MAX_PATCH_VOXELS`) per patch and `overlap`
+        voxels (default `SEAM_FREE_LATENT_OVERLAP` latent voxels) shared by neighbours; see
+        `ctpa_vq.patching.plan_grid`. Explicit: `patch_size` with `overlap` (fraction or voxels,
+        default 0.25), patches shrunk to the volume (rounded up to the factor).
+        """
+        shape = _three(volume_shape, "volume_shape")
+        if patch_size is None:
+            if overlap is None:
+                overlap = [SEAM_FREE_LATENT_OVERLAP * f for f in self.factor]
+            if any(isinstance(o, float) for o in _three(overlap, "overlap")):
+                raise ValueError(f"a planned grid takes its overlap in voxels (an int), got {overlap}")
+            budget = DEFAULT_MAX_PATCH_VOXELS if max_patch_voxels is None else int(max_patch_voxels)
+            return plan_grid(shape, budget, overlap, align=self.factor)
         patch = tuple(
             min(int(p), -(-int(n) // f) * f) for p, n, f in zip(_three(patch_size, "patch_size"), shape, self.factor)
         )
-        return PatchGrid(shape, patch, overlap, align=self.factor)
+        return PatchGrid(shape, patch, 0.25 if overlap is None else overlap, align=self.factor)
 
     # ----------------------------------------------------------------------------- the three stages
 
@@ -148,21 +177,50 @@ class CTPAReconstructionPipeline(DiffusionPipeline):
     def encode_volume(
         self,
         volume: VolumeInput,
-        patch_size: Sequence[int] = DEFAULT_PATCH_SIZE,
-        overlap: float | int | Sequence[float | int] = 0.25,
-        blend: BlendMode = "gaussian",
+        patch_size: Sequence[int] | None = None,
+        overlap: float | int | Sequence[float | int] | None = None,
+        latent_blend: StitchMode = "nearest",
         batch_size: int = 1,
+        max_patch_voxels: int | None = None,
     ) -> torch.Tensor:
         """HU volume `(D, H, W)` -> continuous latent grid `(1, C, ceil(D/f), ceil(H/f), ceil(W/f))`.
 
-        Latent patches are blended in latent space. These are the unscaled latents of
-        `VQGAN3D.encode`; a DDPM standardises them with `vqgan.scale_latents`.
+        The grid is `patch_grid(shape, patch_size, overlap, max_patch_voxels)`. With the default
+        `latent_blend="nearest"` each latent voxel is the latent of the patch whose centre is nearest,
+        so the quantised grid holds the very codes per-patch inference uses (quantisation is per
+        vector); a blend mode averages overlapping latents instead. These are the unscaled
+        latents of `VQGAN3D.encode`; a DDPM standardises them with `vqgan.scale_latents`.
         """
         unit = self._to_unit(self.read_volume(volume))
-        return self._encode_unit(unit, patch_size, overlap, blend, batch_size)
+        grid = self.patch_grid(unit.shape[1:], patch_size, overlap, max_patch_voxels)
+        return self._encode_unit(unit, grid, latent_blend, batch_size)
 
-    def _encode_unit(self, unit: torch.Tensor, patch_size, overlap, blend, batch_size) -> torch.Tensor:
-        grid = self._grid(unit.shape[1:], patch_size, overlap)
+    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Patches `(B, 1, D, H, W)` -> (decoded patches, their continuous latents)."""
+        latents = self.vqgan.encode(x)
+        return self.vqgan.decode(self.vqgan.quantize(latents)[0]), latents
+
+    def _forward_patches(
+        self, unit: torch.Tensor, grid: PatchGrid, blend: BlendMode, latent_blend: StitchMode, batch_size: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-patch encode -> quantise -> decode of `unit` `(1, D, H, W)`: the blended volume
+        `(1, D, H, W)` and the latent grid `(1, C, d, h, w)`, both float32 on the CPU."""
+        latent_stitcher = PatchStitcher(grid, latent_blend, output_scale=[1 / f for f in self.factor])
+        with self.progress_bar(total=len(grid)) as bar:
+            bar.set_description("reconstruct patches")
+            unit, latents = PatchStitcher(grid, blend)(
+                self._forward,
+                unit,
+                batch_size=batch_size,
+                device=self.vqgan.device,
+                dtype=self.vqgan.dtype,
+                out_device="cpu",
+                progress=bar,
+                side=latent_stitcher,
+            )
+        return unit, latents[None]
+
+    def _encode_unit(self, unit: torch.Tensor, grid: PatchGrid, blend: StitchMode, batch_size: int) -> torch.Tensor:
         stitcher = PatchStitcher(grid, blend, output_scale=[1 / f for f in self.factor])
         with self.progress_bar(total=len(grid)) as bar:
             bar.set_description("encode patches")
@@ -201,20 +259,21 @@ class CTPAReconstructionPipeline(DiffusionPipeline):
     def decode_latents(
         self,
         latents: torch.Tensor,
-        patch_size: Sequence[int] = DEFAULT_PATCH_SIZE,
-        overlap: float | int | Sequence[float | int] = 0.25,
-        blend: BlendMode = "gaussian",
+        patch_size: Sequence[int] | None = None,
+        overlap: float | int | Sequence[float | int] | None = None,
+        blend: BlendMode = "linear",
         batch_size: int = 1,
         quantize: bool = True,
         volume_shape: Sequence[int] | None = None,
         output_type: str = "np",
+        max_patch_voxels: int | None = None,
     ) -> np.ndarray | torch.Tensor:
         """Latent grid `(1, C, d, h, w)` -> HU volume `(D, H, W)` float32 on the CPU.
 
         Args:
             latents: unscaled latents (a DDPM's samples go through `vqgan.unscale_latents` first).
-            patch_size: in *pixels* (the latent patch is `patch_size / f`), as for `encode_volume`.
-            overlap: fraction, or voxels in pixels.
+            patch_size, overlap, max_patch_voxels: the *pixel* grid, as for `encode_volume` (planned
+                by default); latent patches are `patch_size / f`.
             quantize: snap to the codebook first (set False for already quantised latents).
             volume_shape: crop the result to this `(D, H, W)`; default `(d*f, h*f, w*f)`.
             output_type: `"np"` or `"pt"`.
@@ -222,16 +281,26 @@ class CTPAReconstructionPipeline(DiffusionPipeline):
         _check_latents(latents, self.vqgan.config.vq_embed_dim)
         if quantize:
             latents = self.quantize_latents(latents)[0]
+        pixel_shape = [n * f for n, f in zip(latents.shape[2:], self.factor)]
+        pixel_grid = self.patch_grid(pixel_shape, patch_size, overlap, max_patch_voxels)
+        return self._decode(latents, pixel_grid, blend, batch_size, volume_shape, output_type)
+
+    def _decode(
+        self,
+        latents: torch.Tensor,
+        pixel_grid: PatchGrid,
+        blend: BlendMode,
+        batch_size: int,
+        volume_shape: Sequence[int] | None,
+        output_type: str,
+    ) -> np.ndarray | torch.Tensor:
         latent_shape = tuple(latents.shape[2:])
-        pixel_grid = self._grid([n * f for n, f in zip(latent_shape, self.factor)], patch_size, overlap)
         latent_patch = [p // f for p, f in zip(pixel_grid.patch_size, self.factor)]
-        latent_overlap = [
-            o if isinstance(o, float) else int(o) // f for o, f in zip(_three(overlap, "overlap"), self.factor)
-        ]
+        latent_overlap = [(p - s) // f for p, s, f in zip(pixel_grid.patch_size, pixel_grid.stride, self.factor)]
         grid = PatchGrid(latent_shape, latent_patch, latent_overlap)
         if volume_shape is not None:
             volume_shape = _three(volume_shape, "volume_shape")
-            if any(not (n - f < v <= n) for v, n, f in zip(volume_shape, pixel_grid.volume_shape, self.factor)):
+            if any(not (n * f - f < v <= n * f) for v, n, f in zip(volume_shape, latent_shape, self.factor)):
                 raise ValueError(f"volume shape {volume_shape} does not fit latents of shape {latent_shape}")
         stitcher = PatchStitcher(grid, blend, output_scale=self.factor, output_shape=volume_shape)
         with self.progress_bar(total=len(grid)) as bar:
@@ -252,36 +321,55 @@ class CTPAReconstructionPipeline(DiffusionPipeline):
     def __call__(
         self,
         volume: VolumeInput,
-        patch_size: Sequence[int] = DEFAULT_PATCH_SIZE,
-        overlap: float | int | Sequence[float | int] = 0.25,
-        blend: BlendMode = "gaussian",
+        patch_size: Sequence[int] | None = None,
+        overlap: float | int | Sequence[float | int] | None = None,
+        blend: BlendMode = "linear",
         batch_size: int = 1,
         return_latents: bool = False,
         output_type: str = "np",
         return_dict: bool = True,
+        max_patch_voxels: int | None = None,
+        latent_blend: StitchMode = "nearest",
+        route: str = "per-patch",
     ) -> CTPAReconstructionOutput | tuple:
         """Reconstruct a whole HU volume patch-wise.
 
         Args:
             volume: `(D, H, W)` HU (numpy/torch, canonical orientation), a NIfTI path or a nibabel image.
-            patch_size: `(D, H, W)` patch in voxels; default (128, 256, 256), i.e. 256x256x128 in x-y-z.
-            overlap: per-axis fraction in [0, 1) or voxel count; default 25%.
-            blend: `"gaussian"`, `"linear"` or `"constant"`.
+            patch_size: `(D, H, W)` patch in voxels; default None: planned (`patch_grid`).
+            overlap: per-axis fraction in [0, 1) or voxel count; default: 25% of an explicit
+                patch, `SEAM_FREE_LATENT_OVERLAP` latent voxels for a planned grid (voxels only).
+            blend: how decoded patches blend in pixels: `"linear"` (default: a ramp across the
+                overlap, seam-free from 16 voxels; gaussian needs 24), `"gaussian"` or `"constant"`.
             batch_size: patches per model call.
             return_latents: also return the latent grid and its code indices.
             output_type: `"np"` or `"pt"` for the reconstruction.
+            max_patch_voxels: memory budget of a planned patch (default `DEFAULT_MAX_PATCH_VOXELS`).
+            latent_blend: how encoded patches combine into the latent grid, see `encode_volume`.
+            route: `"per-patch"` (default): each patch is encoded, quantised and decoded on its
+                own and the decoded patches blended (the latent grid is kept on the way, at no
+                extra model cost); `"latent-grid"`: `encode_volume`, then `decode_latents` of the
+                quantised grid, the path a DDPM's samples take (same cost; on a trained `tiny`
+                model 0.1 dB lower with 64^3 patches, equal when one patch covers the volume).
 
         Returns:
             `CTPAReconstructionOutput` (or a tuple `(reconstruction, latents, indices)`).
         """
         if output_type not in ("np", "pt"):
             raise ValueError(f"output_type must be 'np' or 'pt', got {output_type!r}")
+        if route not in ROUTES:
+            raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
         hu = self.read_volume(volume)
-        latents = self._encode_unit(self._to_unit(hu), patch_size, overlap, blend, batch_size)
-        z_q, indices = self.quantize_latents(latents)
-        reconstruction = self.decode_latents(
-            z_q, patch_size, overlap, blend, batch_size, quantize=False, volume_shape=hu.shape, output_type=output_type
-        )
+        grid = self.patch_grid(hu.shape, patch_size, overlap, max_patch_voxels)
+        if route == "latent-grid":
+            latents = self._encode_unit(self._to_unit(hu), grid, latent_blend, batch_size)
+            z_q, indices = self.quantize_latents(latents)
+            reconstruction = self._decode(z_q, grid, blend, batch_size, hu.shape, output_type)
+        else:
+            unit, latents = self._forward_patches(self._to_unit(hu), grid, blend, latent_blend, batch_size)
+            hu_out = self._to_hu(unit[0])
+            reconstruction = hu_out.numpy() if output_type == "np" else hu_out
+            indices = self.quantize_latents(latents)[1] if return_latents else None
         output = CTPAReconstructionOutput(
             reconstruction=reconstruction,
             latents=latents if return_latents else None,
