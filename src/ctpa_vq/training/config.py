@@ -86,9 +86,10 @@ class TrainingConfig:
     validate_every: int = 100
     log_every: int = 10
     val_max_volumes: Optional[int] = 4  # the first N validation volumes, shared out across processes; null = all
-    val_patch_size: Optional[tuple[int, int, int]] = None  # default: dataset.patch_size
-    val_overlap: float = 0.25
-    val_blend: str = "gaussian"
+    val_patch_size: Optional[tuple[int, int, int]] = None  # null: the planned grid (patching.plan_grid)
+    val_overlap: Optional[float] = None  # with val_patch_size: a fraction of the patch (null: 0.25)
+    val_max_patch_voxels: Optional[int] = None  # the planned grid's budget per patch (null: the pipeline's)
+    val_blend: str = "linear"
     val_batch_size: int = 4
     stop_at_step: Optional[int] = None  # end early (after checkpointing) without changing the schedule
     max_nonfinite_steps: int = 10  # stop after this many skipped (non-finite) steps in a row

@@ -41,10 +41,11 @@ def validate(
             pipeline,
             hu,
             volumes.patient_ids[index],
-            patch_size=config.training.val_patch_size or config.dataset.patch_size,
+            patch_size=config.training.val_patch_size,
             overlap=config.training.val_overlap,
             blend=config.training.val_blend,
             batch_size=config.training.val_batch_size,
+            max_patch_voxels=config.training.val_max_patch_voxels,
         )
         scores.append((index, score.psnr, score.ssim, score.clipped_fraction))
         counts += torch.bincount(result.indices.flatten().cpu(), minlength=counts.numel()).double()
