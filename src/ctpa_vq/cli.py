@@ -111,6 +111,11 @@ def _add_push(subparsers) -> None:
     push.add_argument("--metrics", default=None, help="metrics.csv / .json (default: metrics.* in --model)")
     push.add_argument("--dataset", action="append", default=None, help="Hub dataset id for the card; repeatable")
     push.add_argument("--license", default="apache-2.0")
+    push.add_argument("--data", default=None,
+                      help="prepared dataset the model was trained on, for the card's provenance "
+                      "(default: the recipe's dataset.path if it exists here)")
+    push.add_argument("--provenance", default=None,
+                      help="YAML with sites, scanners, contrast_phase, data_license, deidentification for the card")
     push.add_argument("--endpoint", default=None, help="Hub endpoint (default: HF_ENDPOINT or huggingface.co)")
     push.add_argument("--message", default="Upload ctpa-vq model, model card, recipe and metrics")
     push.set_defaults(handler=_run_push)
@@ -122,7 +127,7 @@ def _run_push(args: argparse.Namespace) -> int:
     result = push_to_hub(
         args.model, args.repo_id, private=args.private, revision=args.revision, endpoint=args.endpoint,
         commit_message=args.message, recipe=args.recipe, metrics=args.metrics, license=args.license,
-        datasets=args.dataset,
+        datasets=args.dataset, dataset_dir=args.data, provenance=args.provenance,
     )
     visibility = "private" if result.private else "public"
     print(f"pushed {len(result.files)} files to {result.repo_id}@{result.revision} ({visibility}): {result.commit_url}")
