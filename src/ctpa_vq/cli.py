@@ -1,4 +1,4 @@
-"""The `ctpa-vq` command: prepare / reconstruct / evaluate / verify / push / latent-stats.
+"""The `ctpa-vq` command: prepare / reconstruct / evaluate / verify / push / latent-stats / encode.
 
 Each sub-command is a thin shell over a library function; errors the user can fix are
 printed as one line naming the file and the problem, with a non-zero exit code.
@@ -158,6 +158,39 @@ def _run_latent_stats(args: argparse.Namespace) -> int:
     print(f"latents over {result.count} voxels per channel, stored in {args.model}")
     for channel, (mean, std) in enumerate(zip(result.mean, result.std)):
         print(f"  channel {channel}: mean {mean:+.5f}  std {std:.5f}")
+    return 0
+
+
+def _add_encode(subparsers) -> None:
+    encode = subparsers.add_parser(
+        "encode",
+        help="whole volumes -> a datasets table of latents for the DDPM (resumable; accelerate launch splits it)",
+        description="One row per volume: latents (unscaled and scaled), code indices, shapes, spacing, affine, "
+        "split, pseudonymous patient id; Parquet shards under --output/data, written as it goes. Volumes already "
+        "encoded are skipped. Under `accelerate launch` each process encodes its share.",
+    )
+    encode.add_argument("--model", required=True, help="saved pipeline or model folder, or Hub repo id (with latent stats)")
+    encode.add_argument("--input", required=True, help="prepared dataset (ctpa-vq prepare) or folder of NIfTI files")
+    encode.add_argument("--output", required=True, help="output folder (created; re-run to resume)")
+    encode.add_argument("--split", action="append", default=None, help="prepared split to encode; repeatable (default: all)")
+    encode.add_argument("--patch", type=int, nargs=3, metavar=("D", "H", "W"), default=None,
+                        help="patch size for patch-wise encoding (default: the pipeline's)")
+    encode.add_argument("--overlap", type=float, default=0.25, help="patch overlap fraction")
+    encode.add_argument("--batch-size", type=int, default=1, help="patches per model call")
+    encode.add_argument("--volumes-per-shard", type=int, default=16, help="volumes per Parquet shard")
+    encode.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    encode.set_defaults(handler=_run_encode)
+
+
+def _run_encode(args: argparse.Namespace) -> int:
+    from .encode import encode_dataset
+
+    report = encode_dataset(
+        args.model, args.input, args.output, splits=args.split, patch_size=args.patch, overlap=args.overlap,
+        batch_size=args.batch_size, volumes_per_shard=args.volumes_per_shard, progress=not args.no_progress,
+    )
+    print(f"encoded {report.encoded} volume(s) in {report.seconds:.1f} s ({report.volumes_per_second:.3f} volumes/s), "
+          f"skipped {report.skipped} already encoded -> {report.output_dir}")
     return 0
 
 
@@ -349,6 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(subparsers)
     _add_push(subparsers)
     _add_latent_stats(subparsers)
+    _add_encode(subparsers)
     _add_verify(subparsers)
     return parser
 
