@@ -7,7 +7,7 @@ single worker thread uploads it while training goes on. Pushes of the same kind 
 upload is logged and kept in `failures`; the next push of that kind carries the newer state (the
 Hub skips files it already has), and nothing is raised into the training loop.
 
-What goes where (recipe section `hub`, `HubConfig`):
+What goes where (recipe section `hub`, `training.config.HubConfig`):
 - `best` / `end` exports: `ctpa_vq.hub.push_to_hub` to the repo's main branch (card, recipe with
   local paths removed, metrics, bundled code for diffusers).
 - resumable checkpoints (opt-in, `push_checkpoints`): to the branch `checkpoints_branch` as
@@ -32,24 +32,12 @@ from typing import Callable
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, snapshot_download
 
 from ..hub import push_to_hub
+from .config import HubConfig
 
 logger = logging.getLogger(__name__)
 
 HUB_PREFIX = "hub:"
 _STEP_FOLDER = re.compile(r"^step-(\d{8})/")
-
-
-@dataclass
-class HubConfig:
-    """Recipe section `hub`: where and what training pushes (nothing while `repo_id` is None)."""
-
-    repo_id: str | None = None
-    private: bool = True
-    push_best: bool = True  # the best validation export, each time it improves
-    push_end: bool = True  # the final export
-    push_checkpoints: bool = False  # resumable training state, to `checkpoints_branch`
-    checkpoints_branch: str = "checkpoints"
-    endpoint: str | None = None  # default: HF_ENDPOINT or huggingface.co
 
 
 @dataclass
