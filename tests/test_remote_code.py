@@ -121,3 +121,19 @@ def test_saved_pipeline_with_bundled_code_loads_without_ctpa_vq(tmp_path):
     np.testing.assert_array_equal(np.load(tmp_path / "remote.npy"), expected)
     native = CTPAReconstructionPipeline.from_pretrained(folder)
     assert type(native.vqgan) is VQGAN3D
+
+
+def test_encode_and_decode_follow_vqmodel_outputs_on_request():
+    """Tensors by default (the contract); `return_dict=True` gives diffusers' VQModel output types."""
+    from diffusers.models.autoencoders.vae import DecoderOutput
+    from diffusers.models.autoencoders.vq_model import VQEncoderOutput
+
+    torch.manual_seed(0)
+    model = VQGAN3D.from_preset("tiny").eval()
+    x = torch.rand(1, 1, 16, 16, 16) * 2 - 1
+    with torch.no_grad():
+        z = model.encode(x)
+        encoded = model.encode(x, return_dict=True)
+        decoded = model.decode(z, return_dict=True)
+        assert isinstance(encoded, VQEncoderOutput) and torch.equal(encoded.latents, z)
+        assert isinstance(decoded, DecoderOutput) and torch.equal(decoded.sample, model.decode(z))
