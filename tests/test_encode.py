@@ -20,8 +20,10 @@ import torch
 
 from ctpa_vq import VQGAN3D, CTPAReconstructionPipeline
 from ctpa_vq.data.nifti import load_ct
+from ctpa_vq.data.patch_dataset import VolumeStore
 from ctpa_vq.data.prepare import prepare_dataset
-from ctpa_vq.encode import encode_dataset, encoded_ids, latents_as_tensor, list_volumes, load_encoded
+from ctpa_vq.encode import (encode_dataset, encoded_ids, latents_as_tensor, list_volumes, load_encoded,
+                            pseudonymous_id)
 
 ACCELERATE_CPU = Path(__file__).resolve().parents[1] / "accelerate_configs" / "cpu.yaml"  # torchrun + gloo
 WINDOW = (-1024.0, 2048.0)
@@ -88,13 +90,15 @@ def test_encode_with_two_processes_resumes_and_matches_the_model(data, tmp_path)
     volumes = {v.volume_id: v for v in list_volumes(data / "prepared")}
     assert encoded_ids(output) == set(volumes)
     table = load_encoded(output, cache_dir=str(tmp_path / "cache"))
-    assert len(table) == 5 and sorted(table["patient_id"]) == sorted(SHAPES)
+    stored_ids = [i for split in ("train", "validation") for i in VolumeStore.from_disk(data / "prepared", split).patient_ids]
+    assert len(table) == 5 and sorted(table["patient_id"]) == sorted(stored_ids)  # as `prepare` stored them
     model = VQGAN3D.from_pretrained(data / "model", subfolder="vqgan").eval()
     mean = torch.tensor(model.config.latents_mean).view(-1, 1, 1, 1)
     std = torch.tensor(model.config.latents_std).view(-1, 1, 1, 1)
+    name_of_shape = {shape: name for name, shape in SHAPES.items()}  # the shapes tell the volumes apart
     for row in table:
-        source = load_ct(data / "nifti" / f"{row['patient_id']}.nii.gz")
-        assert tuple(row["volume_shape"]) == SHAPES[row["patient_id"]] == source.shape
+        source = load_ct(data / "nifti" / f"{name_of_shape[tuple(row['volume_shape'])]}.nii.gz")
+        assert tuple(row["volume_shape"]) == source.shape
         assert row["spacing"] == pytest.approx([1.5, 0.8, 0.8])
         np.testing.assert_allclose(row["affine"], source.affine)
         z, indices = _expected(model, source.hu)
@@ -115,7 +119,7 @@ def test_encode_a_nifti_folder_and_errors_name_the_problem(data, tmp_path):
                             volumes_per_shard=2, progress=False)
     assert report.encoded == 5 and len(list((tmp_path / "out" / "data").glob("shard-*.parquet"))) == 3
     table = load_encoded(tmp_path / "out", cache_dir=str(tmp_path / "cache"))
-    assert sorted(table["patient_id"]) == sorted(SHAPES) and set(table["split"]) == {""}
+    assert sorted(table["patient_id"]) == sorted(map(pseudonymous_id, SHAPES)) and set(table["split"]) == {""}
     assert not any(name in v for v in table["volume_id"] for name in SHAPES)  # ids do not show file names
 
     bare = tmp_path / "no-stats"

@@ -60,7 +60,7 @@ class VolumeSource:
     """One volume to encode; `read` loads it only when its turn comes."""
 
     volume_id: str
-    patient_id: str
+    patient_id: str  # as stored: pseudonymous
     split: str
     read: Callable[[], tuple[np.ndarray, Sequence[float], np.ndarray]]  # -> (hu (D, H, W), spacing, affine)
 
@@ -83,8 +83,13 @@ def volume_id(origin: str) -> str:
 
 
 def pseudonymous_id(patient_id: str) -> str:
-    """The patient id written to the table: the ONE place to switch to a keyed hash (privacy.py,
-    branch `clinical`) once merged; until then the prepared dataset's `patient_id`, as is."""
+    """The stored id of a patient named by a NIfTI file or folder name.
+
+    The ONE place to switch to the keyed hash of `ctpa_vq.privacy` (branch `clinical`:
+    `PseudonymKey.load().pseudonym(patient_id)`) once it is merged; until then the name as
+    `ctpa-vq prepare` would store it. Prepared datasets are not passed through here: their
+    `patient_id` is stored as `prepare` wrote it (a pseudonym where `prepare` makes them).
+    """
     return patient_id
 
 
@@ -135,7 +140,8 @@ def _nifti_volumes(source: Path) -> list[VolumeSource]:
         return read
 
     return [
-        VolumeSource(volume_id(path.relative_to(source).as_posix()), patient_id(path, source), "", reader(path))
+        VolumeSource(volume_id(path.relative_to(source).as_posix()), pseudonymous_id(patient_id(path, source)), "",
+                     reader(path))
         for path in files
     ]
 
@@ -154,7 +160,7 @@ def _row(source: VolumeSource, hu, spacing, affine, latents: torch.Tensor, scale
     offsets = lambda n: pa.array([0, n], type=pa.int64())  # noqa: E731
     columns = {
         "volume_id": pa.array([source.volume_id]),
-        "patient_id": pa.array([pseudonymous_id(source.patient_id)]),
+        "patient_id": pa.array([source.patient_id]),
         "split": pa.array([source.split]),
         "latents": pa.LargeListArray.from_arrays(offsets(latents.numel()), flat(latents, np.float32)),
         "latents_scaled": pa.LargeListArray.from_arrays(offsets(scaled.numel()), flat(scaled, np.float32)),
