@@ -315,7 +315,7 @@ def input_specification(config: dict, provenance: dict | None) -> dict:
         "hu_window": [float(v) for v in config.get("hu_window", [])],
         "intensity_mapping": "clip to hu_window, then linear to [-1, 1] (ctpa_vq.intensity.hu_to_unit)",
         "orientation": "RAS (nibabel.as_closest_canonical)",
-        "axis_order": ["D = Z (inferior->superior)", "H = Y (posterior->anterior)", "W = X (right->left index, RAS+)"],
+        "axis_order": ["D = Z (inferior->superior)", "H = Y (posterior->anterior)", "W = X (left->right)"],
         "array_layout": "(B, 1, D, H, W) float32",
         "downsample_factor": list(config.get("downsample_factor", [])),
     }
