@@ -17,7 +17,7 @@ from huggingface_hub import HfApi
 
 from ctpa_vq import VQGAN3D
 from ctpa_vq.training.checkpoints import save_checkpoint
-from ctpa_vq.training.hub_sync import HubConfig, HubSync, fetch_hub_checkpoint, parse_hub_resume
+from ctpa_vq.training.hub_sync import HubConfig, HubSync, fetch_hub_checkpoint, parse_hub_resume, resolve_resume
 from ctpa_vq.training.validation import export_model
 from test_hub import TOKEN, hub, no_xet  # noqa: F401  (fixtures: the loopback Hub, LFS instead of Xet)
 
@@ -78,6 +78,11 @@ def test_pushes_survive_a_failed_upload_and_resume_from_the_hub(hub, tmp_path):
 
     resumed = fetch_hub_checkpoint("hub:lab/run", tmp_path / "resume", config, token=TOKEN)
     assert resumed.name == "step-00000003"
+    with pytest.MonkeyPatch.context() as env:  # the loop's entry: the token as a user's environment has it
+        env.setenv("HF_TOKEN", TOKEN)
+        assert resolve_resume("hub:lab/run@checkpoints", tmp_path / "out", config, accelerator) == str(
+            tmp_path / "out" / "hub-resume" / "step-00000003")
+    assert resolve_resume("latest", tmp_path / "out", config, accelerator) == "latest"
     assert (resumed / "model.safetensors").read_bytes() == (checkpoints[3] / "model.safetensors").read_bytes()
     fresh = VQGAN3D.from_preset("tiny")
     fresh_optimizer = torch.optim.Adam(fresh.parameters(), lr=1e-3)

@@ -14,8 +14,8 @@ What goes where (recipe section `hub`, `training.config.HubConfig`):
   `step-XXXXXXXX/`, keeping the newest only. They hold Accelerate's optimizer and RNG state
   (pickles), which is why they are opt-in and never on the main branch.
 
-`--resume hub:ORG/NAME[@REVISION]` resolves with `fetch_hub_checkpoint` to the newest pushed
-checkpoint, downloaded under the run's output folder.
+`--resume hub:ORG/NAME[@REVISION]` resolves with `resolve_resume` (`fetch_hub_checkpoint`) to the
+newest pushed checkpoint, downloaded under the run's output folder (`hub-resume/`).
 """
 
 from __future__ import annotations
@@ -209,3 +209,13 @@ def fetch_hub_checkpoint(resume: str, download_dir: str | os.PathLike, config: H
     local = snapshot_download(repo_id, revision=revision, allow_patterns=[f"{steps[-1]}*"], local_dir=str(download_dir),
                               endpoint=config.endpoint, token=token)
     return Path(local) / steps[-1].rstrip("/")
+
+
+def resolve_resume(resume: str | None, output_dir: str | os.PathLike, config: HubConfig, state) -> str | None:
+    """`--resume` as the loop takes it: `hub:ORG/NAME[@REVISION]` becomes the downloaded checkpoint
+    folder (process 0 downloads first, the others then find the files in place); anything else is
+    returned unchanged. `state` is the run's `Accelerator` or `PartialState`."""
+    if resume is None or not resume.startswith(HUB_PREFIX):
+        return resume
+    with state.main_process_first():
+        return str(fetch_hub_checkpoint(resume, Path(output_dir) / "hub-resume", config))
