@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import datetime
 import fnmatch
+import functools
 import json
 import math
 import os
@@ -221,13 +222,21 @@ def dataset_provenance(dataset_dir: str | Path) -> dict:
     """What a prepared dataset (`ctpa-vq prepare`) says about the data: counts and ranges, no identifiers.
 
     Patients and volumes per split, voxel spacing (mm, per axis D, H, W) and slice-count ranges,
-    and the HU range of the stored voxels (read one volume at a time).
+    and the HU range of the stored voxels (read one volume at a time). Computed once per dataset
+    version and process: pushes during training repeat it for every new best export.
     """
+    path = Path(dataset_dir).resolve()
+    marker = next((path / name for name in ("dataset_dict.json", "dataset_info.json") if (path / name).is_file()), path)
+    return dict(_dataset_provenance(str(path), marker.stat().st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=4)
+def _dataset_provenance(dataset_dir: str, version: int) -> dict:
     from .data.patch_dataset import VolumeStore
 
     import datasets
 
-    loaded = datasets.load_from_disk(str(dataset_dir))
+    loaded = datasets.load_from_disk(dataset_dir)
     splits = loaded if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
     patients, volumes, spacings, slices, low, high = {}, {}, [], [], math.inf, -math.inf
     for name, split in splits.items():
