@@ -69,7 +69,7 @@ def test_encode_with_two_processes_resumes_and_matches_the_model(data, tmp_path)
     first = encode_dataset(data / "model", data / "prepared", output, splits=["validation"], patch_size=(32, 32, 32),
                            volumes_per_shard=1, progress=False)  # an earlier run that did one split only
     assert first.encoded == 2 and first.skipped == 0
-    (output / "data" / ".partial-r001-killed").write_bytes(b"half a shard")  # left by a killed process
+    (output / "data" / ".partial-r007-killed").write_bytes(b"half a shard")  # a killed process of an 8-process run
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE_CPU),

@@ -154,17 +154,21 @@ def encoded_ids(output_dir: str | os.PathLike) -> set[str]:
     return ids
 
 
+def _one_flat_row(tensor: torch.Tensor, dtype) -> pa.LargeListArray:
+    """A one-row list column holding `tensor` flattened (C order), without a Python list in between."""
+    values = pa.array(tensor.reshape(-1).numpy().astype(dtype, copy=False))
+    return pa.LargeListArray.from_arrays(pa.array([0, len(values)], type=pa.int64()), values)
+
+
 def _row(source: VolumeSource, hu, spacing, affine, latents: torch.Tensor, scaled: torch.Tensor,
          indices: torch.Tensor) -> pa.Table:
-    flat = lambda t, dtype: pa.array(t.reshape(-1).numpy().astype(dtype, copy=False))  # noqa: E731
-    offsets = lambda n: pa.array([0, n], type=pa.int64())  # noqa: E731
     columns = {
         "volume_id": pa.array([source.volume_id]),
         "patient_id": pa.array([source.patient_id]),
         "split": pa.array([source.split]),
-        "latents": pa.LargeListArray.from_arrays(offsets(latents.numel()), flat(latents, np.float32)),
-        "latents_scaled": pa.LargeListArray.from_arrays(offsets(scaled.numel()), flat(scaled, np.float32)),
-        "indices": pa.LargeListArray.from_arrays(offsets(indices.numel()), flat(indices, np.int32)),
+        "latents": _one_flat_row(latents, np.float32),
+        "latents_scaled": _one_flat_row(scaled, np.float32),
+        "indices": _one_flat_row(indices, np.int32),
         "latent_shape": pa.array([list(latents.shape)], type=SCHEMA.field("latent_shape").type),
         "volume_shape": pa.array([list(hu.shape)], type=SCHEMA.field("volume_shape").type),
         "spacing": pa.array([[float(s) for s in spacing]], type=SCHEMA.field("spacing").type),
@@ -180,8 +184,6 @@ class _ShardWriter:
         self.data_dir, self.rank, self.capacity = data_dir, rank, volumes_per_shard
         self.writer: pq.ParquetWriter | None = None
         self.rows = 0
-        for stale in data_dir.glob(f".partial-r{rank:03d}-*"):  # this process's unfinished shard of a killed run
-            stale.unlink()
 
     def write(self, table: pa.Table) -> None:
         if self.writer is None:
@@ -235,6 +237,8 @@ def encode_dataset(
     volumes = list_volumes(source, splits)
     if state.is_main_process:
         data_dir.mkdir(parents=True, exist_ok=True)
+        for stale in data_dir.glob(".partial-*"):  # unfinished shards of a killed run (any world size)
+            stale.unlink()
     state.wait_for_everyone()
     done = encoded_ids(output_dir)
     state.wait_for_everyone()  # every process has listed the same finished shards before any writes more
