@@ -93,6 +93,13 @@ def test_pushes_survive_a_failed_upload_and_resume_from_the_hub(hub, tmp_path):
     assert all(torch.equal(trained[k], v) for k, v in again.unwrap_model(fresh).state_dict().items())
 
 
+def test_a_folder_that_cannot_be_staged_is_logged_not_raised(tmp_path):
+    sync = HubSync(HubConfig(repo_id="lab/x", push_checkpoints=True), tmp_path / "staging")
+    sync.push_checkpoint(tmp_path / "gone", 7)  # e.g. pruned by the time the hook ran
+    sync.close()
+    assert len(sync.failures) == 1 and "checkpoint at step 7" in sync.failures[0] and sync.pushed == []
+
+
 def test_other_ranks_and_unset_repo_push_nothing(tmp_path):
     (tmp_path / "best").mkdir()
     for sync in (HubSync(HubConfig(repo_id="lab/x"), tmp_path / "staging", enabled=False),

@@ -107,16 +107,18 @@ class HubSync:
     # ----------------------------------------------------------------------------- the worker
 
     def _queue(self, kind: str, step: int, folder: Path, upload: Callable[[Path], str]) -> None:
-        if not folder.is_dir():
-            raise FileNotFoundError(f"{folder}: nothing to push (no such folder)")
         staged = self.staging_dir / f"{kind}-{step:08d}"
-        shutil.rmtree(staged, ignore_errors=True)
-        _link_tree(folder, staged)
+        try:
+            shutil.rmtree(staged, ignore_errors=True)
+            _link_tree(folder, staged)
+        except OSError as err:  # a missing folder or a full disk: this push is lost, the run goes on
+            self._fail(f"hub push of {kind} at step {step}: staging {folder} failed: {err}")
+            return
         with self._condition:
             replaced = self._pending.pop(kind, None)
             self._pending[kind] = _Job(kind, step, staged, upload)
             self._condition.notify_all()
-        if replaced is not None:
+        if replaced is not None and replaced.staged != staged:
             shutil.rmtree(replaced.staged, ignore_errors=True)
         if self._worker is None:
             self._worker = threading.Thread(target=self._run, name="hub-sync", daemon=True)
@@ -134,9 +136,7 @@ class HubSync:
             try:
                 commit = job.upload(job.staged)
             except Exception as err:  # never kill the run: the next push of this kind carries the newer state
-                message = f"hub push of {job.kind} at step {job.step} to {self.config.repo_id} failed: {err}"
-                logger.warning(message)
-                self.failures.append(message)
+                self._fail(f"hub push of {job.kind} at step {job.step} to {self.config.repo_id} failed: {err}")
             else:
                 self.pushed.append(HubPush(job.kind, job.step, commit))
                 logger.info("pushed %s at step %d to %s (%s)", job.kind, job.step, self.config.repo_id, commit)
@@ -145,6 +145,10 @@ class HubSync:
                 with self._condition:
                     self._busy = False
                     self._condition.notify_all()
+
+    def _fail(self, message: str) -> None:
+        logger.warning(message)
+        self.failures.append(message)
 
     def _upload_export(self, kind: str, step: int) -> Callable[[Path], str]:
         def upload(staged: Path) -> str:
