@@ -283,14 +283,18 @@ def _write_info(output_dir: Path, pipe, model, options: dict) -> None:
 
 
 def load_encoded(output_dir: str | os.PathLike, split: str | None = None, **kwargs):
-    """The encoded table as a `datasets.Dataset` (optionally one prepared split); kwargs go to `load_dataset`."""
+    """The encoded table as a `datasets.Dataset` (optionally one prepared split); kwargs go to `load_dataset`.
+
+    `datasets` converts the Parquet shards to an Arrow cache (`cache_dir`, default the HF datasets
+    cache) the first time; pass `streaming=True` to iterate the shards without that copy.
+    """
     import datasets
 
     data_dir = Path(output_dir) / "data"
     if not list(data_dir.glob(SHARD_GLOB)):
         raise FileNotFoundError(f"{data_dir}: no encoded shards (run `ctpa-vq encode` first)")
     dataset = datasets.load_dataset("parquet", data_files=str(data_dir / SHARD_GLOB), split="train", **kwargs)
-    return dataset.filter(lambda s: s == split, input_columns="split") if split is not None else dataset
+    return dataset.filter(lambda name: name == split, input_columns="split") if split is not None else dataset
 
 
 def latents_as_tensor(row: dict, column: str = "latents_scaled") -> torch.Tensor:
