@@ -134,7 +134,8 @@ def sample(unet, scheduler, shape: tuple[int, ...], inference_steps: int, progre
 def encode_phantoms(folder: Path, model_dir: Path, shape: tuple[int, int, int], n: int) -> Path:
     """What `ctpa-vq encode` does for a NIfTI folder, on `n` phantoms; returns the table's folder."""
     write_phantom_dir(folder / "nifti", n, shape, seed=0, compressed=False)
-    encode_dataset(model_dir, folder / "nifti", folder / "latents", patch_size=shape, progress=False)
+    encode_dataset(model_dir, folder / "nifti", folder / "latents", patch_size=shape, progress=False,
+                   pseudonymise=str)  # phantoms: no patient to protect, no key to create
     return folder / "latents"
 
 

@@ -8,6 +8,7 @@ Each row is checked against an independent computation: the model applied to the
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -22,8 +23,8 @@ from ctpa_vq import VQGAN3D, CTPAReconstructionPipeline
 from ctpa_vq.data.nifti import load_ct
 from ctpa_vq.data.patch_dataset import VolumeStore
 from ctpa_vq.data.prepare import prepare_dataset
-from ctpa_vq.encode import (encode_dataset, encoded_ids, latents_as_tensor, list_volumes, load_encoded,
-                            pseudonymous_id)
+from ctpa_vq.encode import encode_dataset, encoded_ids, latents_as_tensor, list_volumes, load_encoded
+from ctpa_vq.privacy import PseudonymKey
 
 ACCELERATE_CPU = Path(__file__).resolve().parents[1] / "accelerate_configs" / "cpu.yaml"  # torchrun + gloo
 WINDOW = (-1024.0, 2048.0)
@@ -114,13 +115,20 @@ def test_encode_with_two_processes_resumes_and_matches_the_model(data, tmp_path)
     assert again.encoded == 0 and again.skipped == 5  # a finished run is a no-op
 
 
-def test_encode_a_nifti_folder_and_errors_name_the_problem(data, tmp_path):
-    report = encode_dataset(data / "model", data / "nifti", tmp_path / "out", patch_size=(32, 32, 32),
-                            volumes_per_shard=2, progress=False)
+def test_encode_a_folder_with_pseudonyms_and_a_broken_file(data, tmp_path):
+    folder = tmp_path / "volumes"
+    shutil.copytree(data / "nifti", folder)
+    (folder / "p06.nii.gz").write_bytes(b"not a NIfTI file")
+    key = PseudonymKey.load(tmp_path / "key")
+    report = encode_dataset(data / "model", folder, tmp_path / "out", patch_size=(32, 32, 32),
+                            volumes_per_shard=2, progress=False, pseudonymise=key.pseudonym)
     assert report.encoded == 5 and len(list((tmp_path / "out" / "data").glob("shard-*.parquet"))) == 3
+    assert len(report.failed) == 1 and "p06.nii.gz" in report.failed[0]
     table = load_encoded(tmp_path / "out", cache_dir=str(tmp_path / "cache"))
-    assert sorted(table["patient_id"]) == sorted(map(pseudonymous_id, SHAPES)) and set(table["split"]) == {""}
-    assert not any(name in v for v in table["volume_id"] for name in SHAPES)  # ids do not show file names
+    assert sorted(table["patient_id"]) == sorted(key.pseudonym(name) for name in SHAPES)  # as `prepare` stores them
+    assert set(table["split"]) == {""}
+    shards = b"".join(p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file())
+    assert not [name for name in [*SHAPES, "nii", str(tmp_path)] if name.encode() in shards]  # no names, no paths
 
     bare = tmp_path / "no-stats"
     VQGAN3D.from_preset("tiny").save_pretrained(bare)

@@ -170,7 +170,8 @@ def _add_encode(subparsers) -> None:
         "encoded are skipped. Under `accelerate launch` each process encodes its share.",
     )
     encode.add_argument("--model", required=True, help="saved pipeline or model folder, or Hub repo id (with latent stats)")
-    encode.add_argument("--input", required=True, help="prepared dataset (ctpa-vq prepare) or folder of NIfTI files")
+    encode.add_argument("--input", required=True,
+                        help="prepared dataset (ctpa-vq prepare) or folder of volumes (NIfTI, NRRD, MetaImage, DICOM)")
     encode.add_argument("--output", required=True, help="output folder (created; re-run to resume)")
     encode.add_argument("--split", action="append", default=None, help="prepared split to encode; repeatable (default: all)")
     encode.add_argument("--patch", type=int, nargs=3, metavar=("D", "H", "W"), default=None,
@@ -179,6 +180,7 @@ def _add_encode(subparsers) -> None:
     encode.add_argument("--batch-size", type=int, default=1, help="patches per model call")
     encode.add_argument("--volumes-per-shard", type=int, default=16, help="volumes per Parquet shard")
     encode.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _add_privacy_options(encode)
     encode.set_defaults(handler=_run_encode)
 
 
@@ -188,10 +190,13 @@ def _run_encode(args: argparse.Namespace) -> int:
     report = encode_dataset(
         args.model, args.input, args.output, splits=args.split, patch_size=args.patch, overlap=args.overlap,
         batch_size=args.batch_size, volumes_per_shard=args.volumes_per_shard, progress=not args.no_progress,
+        pseudonymise=_pseudonymise(args),
     )
     print(f"encoded {report.encoded} volume(s) in {report.seconds:.1f} s ({report.volumes_per_second:.3f} volumes/s), "
           f"skipped {report.skipped} already encoded -> {report.output_dir}")
-    return 0
+    for error in report.failed:
+        print(f"ctpa-vq encode: not encoded: {error}", file=sys.stderr)
+    return 1 if report.failed else 0
 
 
 def _add_reconstruct(subparsers) -> None:

@@ -15,17 +15,20 @@ settings); `load_encoded(OUT)` (or `datasets.load_dataset("parquet", data_dir=OU
 - Distributed: under `accelerate launch` each process encodes every `num_processes`-th remaining
   volume on its own device and writes its own shards.
 
-`volume_id` is a hash of where a volume came from (needed to resume), never the file name.
+Privacy: `patient_id` is a pseudonym (`ctpa_vq.privacy`'s keyed hash, as `ctpa-vq prepare`
+stores it) and `volume_id` a hash of the volume's pseudonymous source (needed to resume); no file
+name or path reaches the table.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -37,6 +40,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .atomic import atomic_path
+from .data.nifti import CTFileError
 
 SHARD_GLOB = "shard-*.parquet"
 INFO_FILE = "encode_info.json"
@@ -56,7 +60,7 @@ SCHEMA = pa.schema([
 
 
 @dataclass
-class VolumeSource:
+class VolumeToEncode:
     """One volume to encode; `read` loads it only when its turn comes."""
 
     volume_id: str
@@ -67,10 +71,13 @@ class VolumeSource:
 
 @dataclass
 class EncodeReport:
+    """What one process did: volumes encoded, skipped (already encoded) and failed (their errors)."""
+
     encoded: int
     skipped: int
     seconds: float
     output_dir: Path
+    failed: list[str] = field(default_factory=list)
 
     @property
     def volumes_per_second(self) -> float:
@@ -78,34 +85,39 @@ class EncodeReport:
 
 
 def volume_id(origin: str) -> str:
-    """A stable id for resuming that does not show where the volume came from."""
+    """A stable id for resuming, from a volume's (pseudonymous) source."""
     return hashlib.sha256(origin.encode()).hexdigest()[:24]
 
 
-def pseudonymous_id(patient_id: str) -> str:
-    """The stored id of a patient named by a NIfTI file or folder name.
+def default_pseudonymise() -> Callable[[str], str]:
+    """Identifier -> its keyed-hash pseudonym (`ctpa_vq.privacy`, the key `prepare` uses), key loaded on first use."""
+    from .privacy import PseudonymKey
 
-    The ONE place to switch to the keyed hash of `ctpa_vq.privacy` (branch `clinical`:
-    `PseudonymKey.load().pseudonym(patient_id)`) once it is merged; until then the name as
-    `ctpa-vq prepare` would store it. Prepared datasets are not passed through here: their
-    `patient_id` is stored as `prepare` wrote it (a pseudonym where `prepare` makes them).
+    key = functools.cache(PseudonymKey.load)
+    return lambda identifier: key().pseudonym(identifier)
+
+
+def list_volumes(
+    source: str | os.PathLike, splits: Sequence[str] | None = None, pseudonymise: Callable[[str], str] | None = None
+) -> list[VolumeToEncode]:
+    """The volumes of a prepared dataset (`ctpa-vq prepare`; `splits`, default all) or of a folder of
+    volumes (NIfTI, NRRD, MetaImage, DICOM series; as `prepare` finds them).
+
+    A prepared dataset's ids are stored as `prepare` wrote them (pseudonyms unless it kept
+    identifiers); a folder's patient ids and paths go through `pseudonymise` (default: the keyed
+    hash with the user's key, as `prepare` does), so both give the same ids for the same data.
     """
-    return patient_id
-
-
-def list_volumes(source: str | os.PathLike, splits: Sequence[str] | None = None) -> list[VolumeSource]:
-    """The volumes of a prepared dataset (`ctpa-vq prepare`; `splits`, default all) or of a NIfTI folder."""
     source = Path(source)
     if not source.is_dir():
-        raise FileNotFoundError(f"{source}: no such folder (expected a prepared dataset or a folder of NIfTI files)")
+        raise FileNotFoundError(f"{source}: no such folder (expected a prepared dataset or a folder of volumes)")
     if (source / "dataset_dict.json").is_file() or (source / "dataset_info.json").is_file():
         return _prepared_volumes(source, splits)
     if splits:
-        raise ValueError(f"{source}: --split applies to a prepared dataset, this is a NIfTI folder")
-    return _nifti_volumes(source)
+        raise ValueError(f"{source}: --split applies to a prepared dataset, this is a folder of volumes")
+    return _folder_volumes(source, pseudonymise or default_pseudonymise())
 
 
-def _prepared_volumes(source: Path, splits: Sequence[str] | None) -> list[VolumeSource]:
+def _prepared_volumes(source: Path, splits: Sequence[str] | None) -> list[VolumeToEncode]:
     import datasets
 
     from .data.patch_dataset import VolumeStore
@@ -121,28 +133,28 @@ def _prepared_volumes(source: Path, splits: Sequence[str] | None) -> list[Volume
         origins = store.dataset.data.table.column("source").to_pylist()
         for index, origin in enumerate(origins):
             read = (lambda s=store, i=index: (s.volume(i), s.spacings[i], s.affine(i)))
-            volumes.append(VolumeSource(volume_id(f"{split}\0{origin}"), store.patient_ids[index], split, read))
+            volumes.append(VolumeToEncode(volume_id(f"{split}\0{origin}"), store.patient_ids[index], split, read))
     return volumes
 
 
-def _nifti_volumes(source: Path) -> list[VolumeSource]:
-    from .data.nifti import load_ct
-    from .data.prepare import find_nifti_files, patient_id
+def _folder_volumes(source: Path, pseudonymise: Callable[[str], str]) -> list[VolumeToEncode]:
+    from .data.prepare import patient_id
+    from .data.volume_io import find_volumes
 
-    files = find_nifti_files(source)
-    if not files:
-        raise FileNotFoundError(f"{source}: no .nii or .nii.gz files in this folder")
+    found = find_volumes(source)
+    if not found:
+        raise FileNotFoundError(f"{source}: no volumes in this folder (nor a prepared dataset)")
 
-    def reader(path: Path):
+    def reader(item):
         def read():
-            volume = load_ct(path)
+            volume = item.load()
             return volume.hu, volume.spacing, volume.affine
         return read
 
     return [
-        VolumeSource(volume_id(path.relative_to(source).as_posix()), pseudonymous_id(patient_id(path, source)), "",
-                     reader(path))
-        for path in files
+        VolumeToEncode(volume_id(pseudonymise(os.path.relpath(item.name, source))),
+                       pseudonymise(patient_id(item.path, source)), "", reader(item))
+        for item in found
     ]
 
 
@@ -160,7 +172,7 @@ def _one_flat_row(tensor: torch.Tensor, dtype) -> pa.LargeListArray:
     return pa.LargeListArray.from_arrays(pa.array([0, len(values)], type=pa.int64()), values)
 
 
-def _row(source: VolumeSource, hu, spacing, affine, latents: torch.Tensor, scaled: torch.Tensor,
+def _row(source: VolumeToEncode, hu, spacing, affine, latents: torch.Tensor, scaled: torch.Tensor,
          indices: torch.Tensor) -> pa.Table:
     columns = {
         "volume_id": pa.array([source.volume_id]),
@@ -212,11 +224,14 @@ def encode_dataset(
     batch_size: int = 1,
     volumes_per_shard: int = 16,
     progress: bool = True,
+    pseudonymise: Callable[[str], str] | None = None,
 ) -> EncodeReport:
     """Encode every volume of `source` not yet in `output_dir` (see the module docstring).
 
     Runs in every process of an `accelerate launch`; each takes its share. Needs the model's latent
     statistics (`ctpa-vq latent-stats`), since the scaled latents are what the DDPM trains on.
+    A volume that cannot be read is reported in `failed` (its error names it) and the run goes on.
+    `pseudonymise`: see `list_volumes`.
     """
     from accelerate import PartialState
 
@@ -234,7 +249,7 @@ def encode_dataset(
     options = {"patch_size": tuple(patch_size or DEFAULT_PATCH_SIZE), "overlap": overlap, "blend": blend,
                "batch_size": batch_size}
 
-    volumes = list_volumes(source, splits)
+    volumes = list_volumes(source, splits, pseudonymise)
     if state.is_main_process:
         data_dir.mkdir(parents=True, exist_ok=True)
         for stale in data_dir.glob(".partial-*"):  # unfinished shards of a killed run (any world size)
@@ -246,11 +261,16 @@ def encode_dataset(
     mine = todo[state.process_index :: state.num_processes]
 
     writer = _ShardWriter(data_dir, state.process_index, volumes_per_shard)
+    failed = []
     start = time.perf_counter()
     try:
         for volume in tqdm(mine, desc=f"encode (process {state.process_index})", unit="volume",
                            disable=not (progress and state.is_local_main_process)):
-            hu, spacing, affine = volume.read()
+            try:
+                hu, spacing, affine = volume.read()
+            except (CTFileError, FileNotFoundError) as err:  # the others are still worth encoding
+                failed.append(str(err))
+                continue
             latents = pipe.encode_volume(hu, **options)
             _, indices = pipe.quantize_latents(latents)
             scaled = pipe.vqgan.scale_latents(latents)
@@ -262,7 +282,8 @@ def encode_dataset(
     state.wait_for_everyone()
     if state.is_main_process:
         _write_info(output_dir, pipe, model, options)
-    return EncodeReport(encoded=len(mine), skipped=len(volumes) - len(todo), seconds=seconds, output_dir=output_dir)
+    return EncodeReport(encoded=len(mine) - len(failed), skipped=len(volumes) - len(todo), seconds=seconds,
+                        output_dir=output_dir, failed=failed)
 
 
 def _write_info(output_dir: Path, pipe, model, options: dict) -> None:
