@@ -23,7 +23,8 @@ DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(DEMO_CONFIG), help="YAML recipe (default: the CPU demo)")
-    parser.add_argument("--resume", default=None, help="'latest' or a checkpoint directory")
+    parser.add_argument("--resume", default=None,
+                        help="'latest', a checkpoint directory, or hub:ORG/NAME[@REVISION] (its newest pushed checkpoint)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.lr=1e-4")
     args = parser.parse_args()
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", level=logging.WARNING)

@@ -10,8 +10,11 @@ commit routes), so the push tests talk to this server. It speaks the same HTTP p
   and the current ``oid`` of each path is returned so unchanged files are skipped on a re-run;
 - ``POST /{repo}.git/info/lfs/objects/batch`` + ``PUT /lfs-upload/{sha256}`` (LFS "basic" transfer; the
   client must run with ``HF_HUB_DISABLE_XET=1`` because there is no Xet storage here);
-- ``POST /api/models/{repo}/commit/{rev}`` (ndjson), ``GET /api/models/{repo}[/revision/{rev}]``,
+- ``POST /api/models/{repo}/commit/{rev}`` (ndjson: files, LFS files, deleted files and folders), ``GET /api/models/{repo}[/revision/{rev}]``,
   ``GET /api/models/{repo}/tree/{rev}``, ``HEAD``/``GET /{repo}/resolve/{rev}/{path}``.
+
+For failure tests, ``POST /_test/fail`` with ``{"method", "path" (a regex), "count", "status"}`` makes the
+next ``count`` matching requests answer ``status`` (a server error, as a flaky Hub would).
 
 Writes need ``Authorization: Bearer <token>``; private repos answer 404 ``RepoNotFound`` to anyone
 without it, as the Hub does. State lives in memory. The request log never includes headers.
@@ -77,6 +80,15 @@ class HubState:
         self.repos: dict[str, Repo] = {}
         self.lfs_objects: dict[str, bytes] = {}
         self.lock = threading.Lock()
+        self.failures: list[dict] = []  # injected: {"method", "path", "count", "status"}
+
+    def injected_failure(self, method: str, path: str) -> int | None:
+        """The status to answer instead of serving this request, if a failure was injected for it."""
+        for rule in self.failures:
+            if rule["count"] > 0 and rule["method"] == method and re.search(rule["path"], path):
+                rule["count"] -= 1
+                return int(rule.get("status", 500))
+        return None
 
 
 class HubHandler(BaseHTTPRequestHandler):
@@ -128,6 +140,11 @@ class HubHandler(BaseHTTPRequestHandler):
 
     def _route(self, method: str) -> None:
         path = unquote(urlsplit(self.path).path)
+        with self.state.lock:
+            status = self.state.injected_failure(method, path)
+        if status is not None:
+            self._body()
+            return self._error(status, f"injected failure for {method} {path}")
         for pattern, handler in ROUTES[method]:
             match = re.fullmatch(pattern, path)
             if match:
@@ -232,6 +249,9 @@ class HubHandler(BaseHTTPRequestHandler):
                 tree[value["path"]] = StoredFile(content, value["oid"])
             elif key == "deletedFile":
                 tree.pop(value["path"], None)
+            elif key == "deletedFolder":
+                folder = value["path"].rstrip("/") + "/"
+                tree = {path: stored for path, stored in tree.items() if not path.startswith(folder)}
         sha = found.branches[branch] = found.commit(tree)
         self._json(200, {"commitUrl": f"http://{self.headers['Host']}/{repo}/commit/{sha}",
                          "commitOid": sha, "pullRequestUrl": None})
@@ -289,6 +309,11 @@ class HubHandler(BaseHTTPRequestHandler):
             return self._send(206, content, headers, "application/octet-stream")
         self._send(200, content, headers, "application/octet-stream")
 
+    def inject_failure(self) -> None:
+        rule = json.loads(self._body())
+        self.state.failures.append({"status": 500, "count": 1, **rule})
+        self._json(200, {"failures": self.state.failures})
+
     def health(self) -> None:
         self._json(200, {"status": "ok"})
 
@@ -303,6 +328,7 @@ ROUTES: dict[str, list[tuple[str, object]]] = {
     ],
     "HEAD": [(rf"/{REPO}/resolve/(?P<revision>[^/]+)/(?P<path>.+)", HubHandler.resolve)],
     "POST": [
+        (r"/_test/fail", HubHandler.inject_failure),
         (r"/api/repos/create", HubHandler.create_repo),
         (r"/api/validate-yaml", HubHandler.validate_yaml),
         (rf"/api/models/{REPO}/branch/(?P<branch>[^/]+)", HubHandler.create_branch),

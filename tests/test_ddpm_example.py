@@ -23,6 +23,7 @@ def test_example_trains_samples_and_decodes_to_hu(tmp_path):
     )
     assert run.returncode == 0, run.stderr
     assert "DDPM loss" in run.stdout
+    assert "4 encoded volumes; training on the 4 with latent shape (8, 4, 8, 8)" in run.stdout  # from `encode`'s table
 
     saved = np.load(output)
     samples, (low, high) = saved["samples"], saved["hu_window"]

@@ -13,8 +13,11 @@ import sys
 import textwrap
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
 import torch
+import yaml
 from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, constants
 from huggingface_hub.errors import RepositoryNotFoundError
 from safetensors.torch import load_file
@@ -222,3 +225,79 @@ def test_root_model_card_is_the_packaged_template():
     link = REPO_ROOT / "model_card.md"
     assert link.is_symlink()
     assert link.resolve() == (REPO_ROOT / "src" / "ctpa_vq" / "templates" / "model_card.md").resolve()
+
+
+@pytest.mark.slow
+def test_pushed_pipeline_loads_without_ctpa_vq(hub, pipeline_dir, tmp_path):
+    """diffusers alone, `import ctpa_vq` blocked: the bundled code reconstructs what the package does."""
+    from test_remote_code import BLOCK_CTPA_VQ
+
+    push_to_hub(pipeline_dir, "lab/no-install", endpoint=hub, token=TOKEN)
+    volume = np.random.default_rng(1).uniform(-1024, 2000, (18, 20, 36)).astype(np.float32)
+    np.save(tmp_path / "volume.npy", volume)
+    script = BLOCK_CTPA_VQ + textwrap.dedent(f"""
+        import numpy as np
+        from diffusers import DiffusionPipeline
+        pipe = DiffusionPipeline.from_pretrained("lab/no-install", trust_remote_code=True)
+        out = pipe(np.load({str(tmp_path / "volume.npy")!r}), patch_size=(16, 16, 16), overlap=0.5)
+        np.save({str(tmp_path / "remote.npy")!r}, out.reconstruction)
+        print(type(pipe).__name__, type(pipe.vqgan).__name__)
+    """)
+    loaded = subprocess.run([sys.executable, "-c", script], env=_client_env(hub, tmp_path),
+                            capture_output=True, text=True, timeout=300)
+    assert loaded.returncode == 0, loaded.stderr
+    assert loaded.stdout.split() == ["CTPAReconstructionPipeline", "VQGAN3D"]
+    expected = CTPAReconstructionPipeline.from_pretrained(pipeline_dir)(volume, patch_size=(16, 16, 16), overlap=0.5)
+    np.testing.assert_array_equal(np.load(tmp_path / "remote.npy"), expected.reconstruction)
+
+
+def _write_patient_volumes(folder: Path) -> None:
+    """Three patients with identifying file names, two spacings, two slice counts."""
+    rng = np.random.default_rng(0)
+    for name, slices, spacing in [("PAT-7731-SMITH", 12, 2.5), ("PAT-8802-JONES", 16, 1.25), ("PAT-9913-BROWN", 12, 2.5)]:
+        hu = rng.integers(-1024, 1800, (20, 24, slices), dtype=np.int16)
+        hu[0, 0, 0] = -1100 if name.startswith("PAT-88") else 0
+        nib.save(nib.Nifti1Image(hu, np.diag([0.7, 0.7, spacing, 1.0])), folder / f"{name}.nii.gz")
+
+
+def test_push_scrubs_local_paths_and_describes_the_data(hub, tmp_path):
+    from ctpa_vq.data.prepare import prepare_dataset
+
+    (tmp_path / "nifti").mkdir()
+    _write_patient_volumes(tmp_path / "nifti")
+    dataset = tmp_path / "prepared"
+    prepare_dataset(tmp_path / "nifti", dataset, val_fraction=0.34, progress=False)
+    folder = tmp_path / "export"
+    CTPAReconstructionPipeline(VQGAN3D.from_preset("tiny")).save_pretrained(folder)
+    (folder / "config.yaml").write_text(
+        f"dataset:\n  path: {dataset}\n  example: {tmp_path}/nifti/PAT-7731-SMITH.nii.gz\n"
+        "training:\n  output_dir: outputs/run\n"
+    )
+    (folder / "metrics.csv").write_text("step,val_psnr\n10,21.5\n")
+    (tmp_path / "provenance.yaml").write_text("sites: two university hospitals\ncontrast_phase: pulmonary arterial\n")
+
+    push_to_hub(folder, "lab/scrubbed", endpoint=hub, token=TOKEN, provenance=tmp_path / "provenance.yaml")
+    api = HfApi(endpoint=hub, token=TOKEN)
+    snapshot = Path(api.snapshot_download("lab/scrubbed", cache_dir=tmp_path / "snapshot"))
+    for needle in (str(tmp_path), "PAT-", "SMITH", "/tmp/"):
+        assert _files_containing(snapshot, needle) == [], needle
+    recipe = yaml.safe_load((snapshot / "config.yaml").read_text())
+    assert recipe["dataset"]["path"] == "<local path removed>" and recipe["training"]["output_dir"] == "outputs/run"
+
+    card = ModelCard.load(snapshot / "README.md")
+    data = card.data.to_dict()["data_provenance"]
+    assert data["patients"] == {"train": 2, "validation": 1} and sum(data["volumes"].values()) == 3
+    assert data["slices_min"] == 12 and data["slices_max"] == 16  # D is the NIfTI z axis
+    assert data["spacing_mm_min"] == [1.25, 0.7, 0.7] and data["spacing_mm_max"] == [2.5, 0.7, 0.7]
+    assert data["hu_min"] == -1100 and data["sites"] == "two university hospitals"
+    assert data["scanners"] == "not stated"
+    spec = card.data.to_dict()["input_specification"]
+    assert spec["hu_window"] == [-1024.0, 2048.0] and spec["orientation"].startswith("RAS")
+    assert "memoris" in card.text and "De-identification" in card.text and "@software" in card.text
+    assert 'DiffusionPipeline.from_pretrained("lab/scrubbed", trust_remote_code=True)' in card.text
+    assert [entry["step"] for entry in card.data.to_dict()["version_history"]] == [10]
+
+    (folder / "metrics.csv").write_text("step,val_psnr\n20,23.5\n")
+    push_to_hub(folder, "lab/scrubbed", endpoint=hub, token=TOKEN, dataset_dir=dataset)
+    again = ModelCard.load(api.hf_hub_download("lab/scrubbed", "README.md", cache_dir=tmp_path / "cache2"))
+    assert [entry["step"] for entry in again.data.to_dict()["version_history"]] == [10, 20]

@@ -1,4 +1,4 @@
-"""The `ctpa-vq` command: prepare / reconstruct / evaluate / verify / push / latent-stats.
+"""The `ctpa-vq` command: prepare / reconstruct / evaluate / verify / push / latent-stats / encode.
 
 Each sub-command is a thin shell over a library function; errors the user can fix are
 printed as one line naming the file and the problem, with a non-zero exit code.
@@ -118,6 +118,11 @@ def _add_push(subparsers) -> None:
     push.add_argument("--metrics", default=None, help="metrics.csv / .json (default: metrics.* in --model)")
     push.add_argument("--dataset", action="append", default=None, help="Hub dataset id for the card; repeatable")
     push.add_argument("--license", default="apache-2.0")
+    push.add_argument("--data", default=None,
+                      help="prepared dataset the model was trained on, for the card's provenance "
+                      "(default: the recipe's dataset.path if it exists here)")
+    push.add_argument("--provenance", default=None,
+                      help="YAML with sites, scanners, contrast_phase, data_license, deidentification for the card")
     push.add_argument("--endpoint", default=None, help="Hub endpoint (default: HF_ENDPOINT or huggingface.co)")
     push.add_argument("--message", default="Upload ctpa-vq model, model card, recipe and metrics")
     push.set_defaults(handler=_run_push)
@@ -129,7 +134,7 @@ def _run_push(args: argparse.Namespace) -> int:
     result = push_to_hub(
         args.model, args.repo_id, private=args.private, revision=args.revision, endpoint=args.endpoint,
         commit_message=args.message, recipe=args.recipe, metrics=args.metrics, license=args.license,
-        datasets=args.dataset,
+        datasets=args.dataset, dataset_dir=args.data, provenance=args.provenance,
     )
     visibility = "private" if result.private else "public"
     print(f"pushed {len(result.files)} files to {result.repo_id}@{result.revision} ({visibility}): {result.commit_url}")
@@ -144,9 +149,7 @@ def _add_latent_stats(subparsers) -> None:
     stats.add_argument("--model", required=True, help="save_pretrained folder (VQGAN3D, or pipeline)")
     stats.add_argument("--input", required=True, nargs="+",
                        help="volume files (NIfTI, NRRD, MetaImage), DICOM series folders, or folders of them")
-    stats.add_argument("--patch", type=int, nargs=3, metavar=("D", "H", "W"), default=None,
-                       help="patch size for patch-wise encoding (default: the pipeline's)")
-    stats.add_argument("--overlap", type=float, default=None, help="patch overlap fraction (default: the pipeline's)")
+    _add_grid_options(stats)
     stats.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     stats.set_defaults(handler=_run_latent_stats)
 
@@ -155,12 +158,48 @@ def _run_latent_stats(args: argparse.Namespace) -> int:
     from .latent_stats import compute_and_store_latent_stats
 
     result = compute_and_store_latent_stats(
-        args.model, args.input, patch_size=args.patch, overlap=args.overlap, progress=not args.no_progress
+        args.model, args.input, **_grid_options(args), progress=not args.no_progress
     )
     print(f"latents over {result.count} voxels per channel, stored in {args.model}")
     for channel, (mean, std) in enumerate(zip(result.mean, result.std)):
         print(f"  channel {channel}: mean {mean:+.5f}  std {std:.5f}")
     return 0
+
+
+def _add_encode(subparsers) -> None:
+    encode = subparsers.add_parser(
+        "encode",
+        help="whole volumes -> a datasets table of latents for the DDPM (resumable; accelerate launch splits it)",
+        description="One row per volume: latents (unscaled and scaled), code indices, shapes, spacing, affine, "
+        "split, pseudonymous patient id; Parquet shards under --output/data, written as it goes. Volumes already "
+        "encoded are skipped. Under `accelerate launch` each process encodes its share.",
+    )
+    encode.add_argument("--model", required=True, help="saved pipeline or model folder, or Hub repo id (with latent stats)")
+    encode.add_argument("--input", required=True,
+                        help="prepared dataset (ctpa-vq prepare) or folder of volumes (NIfTI, NRRD, MetaImage, DICOM)")
+    encode.add_argument("--output", required=True, help="output folder (created; re-run to resume)")
+    encode.add_argument("--split", action="append", default=None, help="prepared split to encode; repeatable (default: all)")
+    _add_grid_options(encode)
+    encode.add_argument("--batch-size", type=int, default=1, help="patches per model call")
+    encode.add_argument("--volumes-per-shard", type=int, default=16, help="volumes per Parquet shard")
+    encode.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _add_privacy_options(encode)
+    encode.set_defaults(handler=_run_encode)
+
+
+def _run_encode(args: argparse.Namespace) -> int:
+    from .encode import encode_dataset
+
+    report = encode_dataset(
+        args.model, args.input, args.output, splits=args.split, **_grid_options(args),
+        batch_size=args.batch_size, volumes_per_shard=args.volumes_per_shard, progress=not args.no_progress,
+        pseudonymise=_pseudonymise(args),
+    )
+    print(f"encoded {report.encoded} volume(s) in {report.seconds:.1f} s ({report.volumes_per_second:.3f} volumes/s), "
+          f"skipped {report.skipped} already encoded -> {report.output_dir}")
+    for error in report.failed:
+        print(f"ctpa-vq encode: not encoded: {error}", file=sys.stderr)
+    return 1 if report.failed else 0
 
 
 def _add_reconstruct(subparsers) -> None:
@@ -184,9 +223,8 @@ def _add_reconstruct(subparsers) -> None:
     reconstruct.set_defaults(handler=_run_reconstruct)
 
 
-def _add_inference_options(parser: argparse.ArgumentParser) -> None:
-    """Model, patch grid, device and progress options shared by `reconstruct` and `evaluate`."""
-    parser.add_argument("--model", required=True, help="model or pipeline folder, or a Hub repo id")
+def _add_grid_options(parser: argparse.ArgumentParser) -> None:
+    """The patch grid options (`CTPAReconstructionPipeline.patch_grid`) of every command that runs the model."""
     parser.add_argument("--patch", type=int, nargs=3, metavar=("D", "H", "W"), default=None,
                         help="patch size in voxels (default: planned per volume, the fewest voxels within "
                         "--max-patch-voxels)")
@@ -195,6 +233,12 @@ def _add_inference_options(parser: argparse.ArgumentParser) -> None:
                         "(default: 0.25 with --patch, 4 latent voxels = 16 voxels for a planned grid)")
     parser.add_argument("--max-patch-voxels", type=int, default=None,
                         help="memory budget of a planned patch in voxels (default 128*256*256 = 8388608)")
+
+
+def _add_inference_options(parser: argparse.ArgumentParser) -> None:
+    """Model, patch grid, device and progress options shared by `reconstruct` and `evaluate`."""
+    parser.add_argument("--model", required=True, help="model or pipeline folder, or a Hub repo id")
+    _add_grid_options(parser)
     parser.add_argument("--blend", choices=("linear", "gaussian", "constant"), default="linear",
                         help="how overlapping decoded patches blend (default linear: a ramp across the overlap)")
     parser.add_argument("--batch-size", type=int, default=1, help="patches per model call")
@@ -368,6 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(subparsers)
     _add_push(subparsers)
     _add_latent_stats(subparsers)
+    _add_encode(subparsers)
     _add_verify(subparsers)
     return parser
 

@@ -5,6 +5,12 @@ the repo never shows a model without its card. A re-run after an interruption is
 committed until every file is uploaded, LFS objects already on the server are not sent again, and
 files whose content is unchanged are left out (a re-run of a finished push makes no new commit).
 
+A pipeline folder is pushed in the self-contained layout of `ctpa_vq.remote_code` (bundled
+`pipeline_ctpa.py` and `vqgan/modeling_vqgan3d.py`, list-form `model_index.json`), so it loads with
+`DiffusionPipeline.from_pretrained(repo, trust_remote_code=True)` where `ctpa_vq` is not installed.
+Nothing pushed names this machine's folders or a patient's file: local paths in the recipe are
+replaced (`scrub_recipe`).
+
 The token is whatever huggingface_hub resolves (the `token` argument, `HF_TOKEN`, or the stored
 `hf auth login`); it is never printed, logged or written, and it is scrubbed from error messages.
 The endpoint is the `endpoint` argument or `HF_ENDPOINT` (a private Hub works).
@@ -13,15 +19,24 @@ The endpoint is the `endpoint` argument or `HF_ENDPOINT` (a private Hub works).
 from __future__ import annotations
 
 import csv
+import datetime
 import fnmatch
+import functools
 import json
 import math
+import os
+import re
+import tempfile
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+import yaml
 from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData, get_token
-from huggingface_hub.errors import HfHubHTTPError
+from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
+
+from . import __version__
+from .remote_code import remote_code_files
 
 try:  # huggingface_hub >= 1 talks through httpx2: network failures are its TransportErrors
     from httpx2 import TransportError as NetworkError
@@ -34,6 +49,11 @@ CARD_TAGS = ["medical-imaging", "ct", "ctpa", "3d", "vq-gan", "vqgan", "autoenco
 # nor hidden files (.cache/, temp folders); README.md is replaced by the generated card.
 IGNORED_PATTERNS = ["*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", ".*", "*/.*", "README.md"]
 RECIPE_SUFFIXES = (".yaml", ".yml")
+REMOVED_PATH = "<local path removed>"
+_NIFTI_NAME = re.compile(r"\.nii(\.gz)?$", re.IGNORECASE)
+_WINDOWS_PATH = re.compile(r"^[A-Za-z]:[\\/]")
+# Filled by the user per data set (`--provenance FILE.yaml`); shown as "not stated" until then.
+PROVENANCE_FIELDS = ("sites", "scanners", "contrast_phase", "data_license", "deidentification")
 METRICS_FILE_NAMES = ("metrics.csv", "metrics.json")
 STEP_COLUMNS = ("step", "global_step")
 
@@ -165,6 +185,109 @@ def _find_one(model_dir: Path, names: tuple[str, ...] = (), suffixes: tuple[str,
     return None
 
 
+# --------------------------------------------------------------------------------------- privacy, provenance
+
+
+def _is_local_path(value: str) -> bool:
+    return os.path.isabs(value) or value.startswith("~") or bool(_WINDOWS_PATH.match(value) or _NIFTI_NAME.search(value))
+
+
+def _scrub_paths(node):
+    if isinstance(node, dict):
+        return {key: _scrub_paths(value) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_scrub_paths(value) for value in node]
+    return REMOVED_PATH if isinstance(node, str) and _is_local_path(node) else node
+
+
+def scrub_recipe(text: str) -> str:
+    """The recipe YAML with every absolute path and NIfTI file name replaced by a placeholder.
+
+    A recipe names the data set's folder (`dataset.path`), which is this machine's and may hold
+    patient identifiers; relative paths (`outputs/demo`) and Hub ids stay.
+    """
+    return yaml.safe_dump(_scrub_paths(yaml.safe_load(text)), sort_keys=False)
+
+
+def _recipe_dataset_path(recipe_text: str) -> Path | None:
+    try:
+        recipe = yaml.safe_load(recipe_text)
+    except yaml.YAMLError:
+        return None
+    path = (recipe.get("dataset") or {}).get("path") if isinstance(recipe, dict) else None
+    return Path(path) if isinstance(path, str) and Path(path).is_dir() else None
+
+
+def dataset_provenance(dataset_dir: str | Path) -> dict:
+    """What a prepared dataset (`ctpa-vq prepare`) says about the data: counts and ranges, no identifiers.
+
+    Patients and volumes per split, voxel spacing (mm, per axis D, H, W) and slice-count ranges,
+    and the HU range of the stored voxels (read one volume at a time). Computed once per dataset
+    version and process: pushes during training repeat it for every new best export.
+    """
+    path = Path(dataset_dir).resolve()
+    marker = next((path / name for name in ("dataset_dict.json", "dataset_info.json") if (path / name).is_file()), path)
+    return dict(_dataset_provenance(str(path), marker.stat().st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=4)
+def _dataset_provenance(dataset_dir: str, version: int) -> dict:
+    from .data.patch_dataset import VolumeStore
+
+    import datasets
+
+    loaded = datasets.load_from_disk(dataset_dir)
+    splits = loaded if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
+    patients, volumes, spacings, slices, low, high = {}, {}, [], [], math.inf, -math.inf
+    for name, split in splits.items():
+        store = VolumeStore(split)
+        patients[name], volumes[name] = len(set(store.patient_ids)), len(store)
+        spacings += store.spacings
+        slices += [shape[0] for shape in store.shapes]
+        for index in range(len(store)):
+            volume = store.volume(index)
+            low, high = min(low, int(volume.min())), max(high, int(volume.max()))
+    return {
+        "patients": patients,
+        "volumes": volumes,
+        "spacing_mm_min": [round(min(s[axis] for s in spacings), 4) for axis in range(3)],
+        "spacing_mm_max": [round(max(s[axis] for s in spacings), 4) for axis in range(3)],
+        "slices_min": min(slices),
+        "slices_max": max(slices),
+        "hu_min": low,
+        "hu_max": high,
+    }
+
+
+def _read_provenance_fields(path: str | Path | None) -> dict[str, str]:
+    if path is None:
+        return {}
+    values = yaml.safe_load(Path(path).read_text()) or {}
+    unknown = set(values) - set(PROVENANCE_FIELDS)
+    if not isinstance(values, dict) or unknown:
+        raise HubPushError(f"{path}: expected keys among {PROVENANCE_FIELDS}, got unknown {sorted(unknown)}")
+    return {key: str(value) for key, value in values.items()}
+
+
+def _previous_history(api: HfApi, repo_id: str, revision: str | None) -> list[dict]:
+    """The `version_history` of the card already in the repo (empty for a new repo)."""
+    with tempfile.TemporaryDirectory() as scratch:  # not the user's cache: the card is read once
+        try:
+            card = ModelCard.load(api.hf_hub_download(repo_id, "README.md", revision=revision, local_dir=scratch),
+                                  ignore_metadata_errors=True)
+        except (EntryNotFoundError, HfHubHTTPError, OSError, ValueError):
+            return []
+    history = card.data.to_dict().get("version_history")
+    return history if isinstance(history, list) else []
+
+
+def _with_history(history: list[dict], entry: dict) -> list[dict]:
+    """Append `entry` (with today's date) unless it repeats the last one, so a re-run changes nothing."""
+    if history and {k: v for k, v in history[-1].items() if k != "date"} == entry:
+        return history
+    return [*history, {"date": datetime.date.today().isoformat(), **entry}]
+
+
 # --------------------------------------------------------------------------------------- the card
 
 
@@ -193,6 +316,24 @@ def _eval_results(metrics: LastMetrics | None, dataset: str) -> list[EvalResult]
     return results
 
 
+def input_specification(config: dict, provenance: dict | None) -> dict:
+    """What a volume must be for this model, machine-readable (card metadata `input_specification`)."""
+    spec = {
+        "modality": "CT (contrast-enhanced chest CT, CTPA)",
+        "units": "Hounsfield units",
+        "hu_window": [float(v) for v in config.get("hu_window", [])],
+        "intensity_mapping": "clip to hu_window, then linear to [-1, 1] (ctpa_vq.intensity.hu_to_unit)",
+        "orientation": "RAS (nibabel.as_closest_canonical)",
+        "axis_order": ["D = Z (inferior->superior)", "H = Y (posterior->anterior)", "W = X (left->right)"],
+        "array_layout": "(B, 1, D, H, W) float32",
+        "downsample_factor": list(config.get("downsample_factor", [])),
+    }
+    if provenance:
+        spec["spacing_mm_seen"] = {"min": provenance["spacing_mm_min"], "max": provenance["spacing_mm_max"]}
+        spec["slices_seen"] = {"min": provenance["slices_min"], "max": provenance["slices_max"]}
+    return spec
+
+
 def build_model_card(
     model_dir: str | Path,
     repo_id: str,
@@ -202,15 +343,32 @@ def build_model_card(
     license: str = "apache-2.0",
     datasets: list[str] | None = None,
     training_data: str | None = None,
+    dataset_dir: str | Path | None = None,
+    provenance: str | Path | None = None,
+    history: list[dict] | None = None,
 ) -> ModelCard:
-    """Fill `templates/model_card.md` with the model's config, recipe and last metrics."""
+    """Fill `templates/model_card.md` with the model's config, recipe, last metrics and data provenance.
+
+    `dataset_dir` is the prepared dataset the model was trained on (default: the recipe's
+    `dataset.path` if it exists here); `provenance` a YAML file with `PROVENANCE_FIELDS`;
+    `history` the card's earlier `version_history` (one entry is added for this push).
+    """
     folder = read_model_folder(model_dir)
     config = folder.config
     recipe_path = Path(recipe) if recipe else _find_one(folder.root, suffixes=RECIPE_SUFFIXES)
+    recipe_text = recipe_path.read_text() if recipe_path else None
     metrics_path = Path(metrics) if metrics else _find_one(folder.root, names=METRICS_FILE_NAMES)
     last = read_last_metrics(metrics_path) if metrics_path else None
+    dataset_dir = Path(dataset_dir) if dataset_dir else (_recipe_dataset_path(recipe_text) if recipe_text else None)
+    data = dataset_provenance(dataset_dir) if dataset_dir else None
+    fields = {key: "not stated" for key in PROVENANCE_FIELDS} | _read_provenance_fields(provenance)
     dataset = datasets[0] if datasets else "ctpa-validation"
     eval_results = _eval_results(last, dataset)
+    version_history = _with_history(list(history or []), {
+        "ctpa_vq": __version__,
+        "step": last.step if last else None,
+        "metrics": {k: round(v, 4) for k, v in sorted(last.values.items()) if "psnr" in k or "ssim" in k} if last else {},
+    })
     card_data = ModelCardData(
         model_name=repo_id.split("/")[-1],
         library_name="ctpa-vq",
@@ -219,6 +377,9 @@ def build_model_card(
         datasets=datasets,
         metrics=sorted({r.metric_type for r in eval_results}) or None,
         eval_results=eval_results or None,
+        input_specification=input_specification(config, data),
+        data_provenance={**(data or {}), **fields},
+        version_history=version_history,
     )
     factor = list(config.get("downsample_factor", (4, 4, 4)))
     latent_channels = config.get("vq_embed_dim", "?")
@@ -249,8 +410,13 @@ def build_model_card(
             "Contrast-enhanced chest CT (CTPA) volumes in NIfTI, brought to canonical orientation and "
             "clipped to the HU window" + (f"; dataset: {', '.join(datasets)}." if datasets else ".")
         ),
+        data=data,
+        fields=fields,
+        input_spec_json=json.dumps(card_data.input_specification, indent=2),
+        version_history=version_history,
+        version=__version__,
         recipe_file=recipe_path.name if recipe_path else None,
-        recipe_text=recipe_path.read_text().strip() if recipe_path else None,
+        recipe_text=scrub_recipe(recipe_text).strip() if recipe_text else None,
         metrics_file=last.file.name if last else None,
         metrics_step=last.step if last else None,
         metrics_rows=[(k, _format_value(v)) for k, v in sorted(last.values.items())] if last else [],
@@ -258,6 +424,7 @@ def build_model_card(
         patch_note=", ".join(f"{k} {v}" for k, v in patch_keys.items()),
         example_latent_shape=f"a {example_volume} volume gives {example_latent}",
         latent_stats_note=latent_stats_note,
+        remote_code=folder.subfolder is not None,
     )
 
 
@@ -265,16 +432,25 @@ def build_model_card(
 
 
 def _operations(folder: ModelFolder, card: ModelCard, extra_files: list[Path]) -> list[CommitOperationAdd]:
-    """The folder's files, then the given recipe/metrics at the repo root (replacing same-named ones), then the card."""
+    """The folder's files, the given recipe/metrics at the repo root (replacing same-named ones), the
+    bundled code of a pipeline (`remote_code_files`), then the card. Recipes go scrubbed of local paths."""
     sources: dict[str, str | bytes] = {}
     for path in sorted(folder.root.rglob("*")):
         relative = path.relative_to(folder.root).as_posix()
         if path.is_file() and not any(fnmatch.fnmatch(relative, p) for p in IGNORED_PATTERNS):
-            sources[relative] = str(path)
+            sources[relative] = path
     for path in extra_files:
-        sources[path.name] = str(path)
+        sources[path.name] = path
+    for name, path in sources.items():
+        if name.endswith(RECIPE_SUFFIXES):
+            sources[name] = scrub_recipe(path.read_text()).encode()
+    if folder.subfolder is not None:
+        sources.update(remote_code_files(folder.pipeline_config, folder.subfolder))
     sources["README.md"] = str(card).encode()
-    return [CommitOperationAdd(path_in_repo=name, path_or_fileobj=source) for name, source in sources.items()]
+    return [
+        CommitOperationAdd(path_in_repo=name, path_or_fileobj=source if isinstance(source, bytes) else str(source))
+        for name, source in sources.items()
+    ]
 
 
 def _scrub(message: str, secrets: list[str | None]) -> str:
@@ -297,10 +473,13 @@ def push_to_hub(
     metrics: str | Path | None = None,
     license: str = "apache-2.0",
     datasets: list[str] | None = None,
+    dataset_dir: str | Path | None = None,
+    provenance: str | Path | None = None,
 ) -> PushResult:
     """Create `repo_id` (private unless `private=False`; an existing repo is reused) and push in one commit:
     the folder's files (safetensors only), the filled model card as README.md, the recipe YAML and the
-    metrics file (given, or found at the top of `model_dir`). Refuses to push a private model into an
+    metrics file (given, or found at the top of `model_dir`), a pipeline's bundled code. `dataset_dir` and
+    `provenance` fill the card's data section (see `build_model_card`). Refuses to push a private model into an
     existing public repo. Returns what was committed.
     """
     folder = read_model_folder(model_dir)
@@ -308,7 +487,6 @@ def push_to_hub(
     for path in extra_files:
         if not path.is_file():
             raise FileNotFoundError(f"{path}: file does not exist")
-    card = build_model_card(folder.root, repo_id, recipe=recipe, metrics=metrics, license=license, datasets=datasets)
     api = HfApi(endpoint=endpoint, token=token)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
@@ -320,6 +498,10 @@ def push_to_hub(
             )
         if revision and revision != "main":
             api.create_branch(repo_id, branch=revision, exist_ok=True)
+        card = build_model_card(
+            folder.root, repo_id, recipe=recipe, metrics=metrics, license=license, datasets=datasets,
+            dataset_dir=dataset_dir, provenance=provenance, history=_previous_history(api, repo_id, revision),
+        )
         operations = _operations(folder, card, extra_files)
         commit = api.create_commit(
             repo_id, operations=operations, commit_message=commit_message, revision=revision

@@ -121,14 +121,14 @@ def compute_and_store_latent_stats(
     model_dir: str | Path,
     inputs: Sequence[str | Path],
     patch_size: Sequence[int] | None = None,
-    overlap: float | None = None,
+    overlap: float | int | None = None,
+    max_patch_voxels: int | None = None,
     progress: bool = True,
 ) -> LatentStats:
-    """What `ctpa-vq latent-stats` does: encode every input volume whole (patch-wise, blended latents,
-    as `encode_volume` gives them to the DDPM), then store the statistics in the model folder's config
+    """What `ctpa-vq latent-stats` does: encode every input volume whole (patch-wise on the pipeline's
+    grid, as `encode_volume` gives them to the DDPM), then store the statistics in the model folder's config
     (`model_dir/config.json`, or `model_dir/vqgan/config.json` for a saved pipeline)."""
     from .pipelines import load_reconstruction_pipeline
-    from .pipelines.reconstruction import DEFAULT_PATCH_SIZE
 
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
@@ -137,7 +137,7 @@ def compute_and_store_latent_stats(
     pipe = load_reconstruction_pipeline(model_dir)
     pipe.set_progress_bar_config(disable=True)
     model_path = model_dir / "vqgan" if (model_dir / "model_index.json").is_file() else model_dir
-    options = {"patch_size": tuple(patch_size or DEFAULT_PATCH_SIZE), "overlap": 0.25 if overlap is None else overlap}
+    options = dict(patch_size=patch_size, overlap=overlap, max_patch_voxels=max_patch_voxels)
     volumes = (read().hu for read in tqdm(readers, desc="latent stats", unit="volume", disable=not progress))
     stats = compute_latent_stats(lambda hu: pipe.encode_volume(hu, **options), volumes)
     write_latent_stats(pipe.vqgan, stats, model_path)

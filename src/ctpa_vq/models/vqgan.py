@@ -8,6 +8,8 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.autoencoders.vae import DecoderOutput
+from diffusers.models.autoencoders.vq_model import VQEncoderOutput
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 
@@ -154,21 +156,30 @@ class VQGAN3D(ModelMixin, ConfigMixin):
 
     # ----------------------------------------------------------------------------- the contract
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """`(B, 1, D, H, W)` in [-1, 1] -> continuous pre-quantisation latents `(B, C, d, h, w)`."""
+    def encode(self, x: torch.Tensor, return_dict: bool = False) -> torch.Tensor | VQEncoderOutput:
+        """`(B, 1, D, H, W)` in [-1, 1] -> continuous pre-quantisation latents `(B, C, d, h, w)`.
+
+        A tensor by default (the contract downstream code relies on); `return_dict=True` gives
+        diffusers' `VQEncoderOutput` with `.latents`, as `diffusers.VQModel.encode` does.
+        """
         self._check_input(x, self.config.in_channels, "input volume")
         self.latent_shape(x.shape)
-        return self.quant_conv(self.encoder(x))
+        latents = self.quant_conv(self.encoder(x))
+        return VQEncoderOutput(latents=latents) if return_dict else latents
 
     def quantize(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, QuantizerOutput]:
         """Continuous latents -> `(z_q, indices (B, d, h, w), stats)`; updates the EMA codebook in training mode."""
         out = self.quantizer(z)
         return out.z_q, out.indices, out
 
-    def decode(self, z_q: torch.Tensor) -> torch.Tensor:
-        """Quantised latents `(B, C, d, h, w)` -> volume `(B, 1, D, H, W)` in [-1, 1] (unclipped)."""
+    def decode(self, z_q: torch.Tensor, return_dict: bool = False) -> torch.Tensor | DecoderOutput:
+        """Quantised latents `(B, C, d, h, w)` -> volume `(B, 1, D, H, W)` in [-1, 1] (unclipped).
+
+        `return_dict=True` gives diffusers' `DecoderOutput` with `.sample`, as `VQModel.decode` does.
+        """
         self._check_input(z_q, self.config.vq_embed_dim, "latents")
-        return self.decoder(self.post_quant_conv(z_q))
+        sample = self.decoder(self.post_quant_conv(z_q))
+        return DecoderOutput(sample=sample) if return_dict else sample
 
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """Code indices `(B, d, h, w)` -> volume `(B, 1, D, H, W)`."""

@@ -99,6 +99,9 @@ class CTPAReconstructionPipeline(DiffusionPipeline):
                 allow_patterns=["*.json", "*.safetensors"],
                 **{k: kwargs.pop(k) for k in hub_args if k in kwargs},
             )
+        if isinstance(cls.load_config(pretrained_model_name_or_path)["_class_name"], list):
+            # the layout with bundled code for diffusers alone (`ctpa_vq.remote_code`): use this package's classes
+            return cls(vqgan=VQGAN3D.from_pretrained(pretrained_model_name_or_path, subfolder="vqgan", **kwargs))
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     @property

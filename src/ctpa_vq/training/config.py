@@ -106,11 +106,25 @@ class TrainingConfig:
 
 
 @dataclass
+class HubConfig:
+    """Pushes to a (private) Hub repo during training; nothing while `repo_id` is None (see training/hub_sync.py)."""
+
+    repo_id: Optional[str] = None
+    private: bool = True
+    push_best: bool = True  # the best validation export, each time it improves
+    push_end: bool = True  # the final export
+    push_checkpoints: bool = False  # resumable training state (holds pickles), to `checkpoints_branch`
+    checkpoints_branch: str = "checkpoints"
+    endpoint: Optional[str] = None  # default: HF_ENDPOINT or huggingface.co
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     gan: GANConfig = field(default_factory=GANConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:

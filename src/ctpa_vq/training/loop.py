@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from ..models import VQGAN3D
 from .checkpoints import save_checkpoint
 from .config import TrainConfig, config_to_yaml
+from .hub_sync import HubSync, resolve_resume
 from .metrics_log import MetricsLogger
 from .nonfinite import NonFiniteLossError
 from .setup import TrainingParts, build_training, resume_training
@@ -75,7 +76,8 @@ def train(config: TrainConfig, resume: str | None = None) -> TrainResult:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(config_to_yaml(config))
     accelerator.init_trackers("ctpa-vq")
-    resume_training(parts, resume)
+    hub = HubSync(config.hub, out / ".hub-staging", enabled=accelerator.is_main_process)
+    resume_training(parts, resolve_resume(resume, out, config.hub, accelerator))
 
     metrics = MetricsLogger(accelerator, out / "metrics.csv", start_step=state.step)
     samples_per_batch = config.training.batch_size * accelerator.num_processes
@@ -103,13 +105,15 @@ def train(config: TrainConfig, resume: str | None = None) -> TrainResult:
             parts.guard.end_step()
             state.step += 1
             progress.update(1)
-            on_sync(parts, window, metrics, epoch, last_step, progress)
+            on_sync(parts, window, metrics, epoch, last_step, progress, hub)
             if state.step >= last_step:
                 break
     progress.close()
     final = out / "final" if state.step >= config.training.max_steps else None
     if final is not None and accelerator.is_main_process:
         export_model(accelerator.unwrap_model(parts.model), final, out)
+        hub.push_export(final, state.step, "end")
+    hub.close()  # waits for the queued uploads; a failed one was logged, never raised
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return TrainResult(accelerator.unwrap_model(parts.model), state.step, final)
@@ -125,7 +129,8 @@ def step_schedules(parts: TrainingParts) -> None:
 
 
 def on_sync(
-    parts: TrainingParts, window: MetricWindow, metrics: MetricsLogger, epoch: int, last_step: int, progress=None
+    parts: TrainingParts, window: MetricWindow, metrics: MetricsLogger, epoch: int, last_step: int, progress=None,
+    hub: HubSync | None = None,
 ) -> None:
     """After an optimizer step: log (and check for non-finite runs), validate, checkpoint, as due."""
     training, step = parts.config.training, parts.state.step
@@ -139,15 +144,17 @@ def on_sync(
         if progress is not None:
             progress.set_postfix(loss=f"{row['loss']:.4f}", l1=f"{row['l1']:.4f}")
     if step % training.validate_every == 0 or step == last_step:
-        validate_and_export(parts, metrics)
+        validate_and_export(parts, metrics, hub)
     if step % training.checkpoint_every == 0 or step == last_step:
         parts.guard.check()  # never checkpoint past a run of non-finite steps
-        save_checkpoint(
+        checkpoint = save_checkpoint(
             parts.accelerator, parts.output_dir / "checkpoints", step, training.keep_checkpoints, parts.resumed_from
         )
+        if hub is not None:
+            hub.push_checkpoint(checkpoint, step)
 
 
-def validate_and_export(parts: TrainingParts, metrics: MetricsLogger) -> None:
+def validate_and_export(parts: TrainingParts, metrics: MetricsLogger, hub: HubSync | None = None) -> None:
     """Every process scores its share of the validation volumes; a new best PSNR exports `best/`."""
     accelerator, state = parts.accelerator, parts.state
     if not len(parts.val_volumes):
@@ -163,6 +170,8 @@ def validate_and_export(parts: TrainingParts, metrics: MetricsLogger) -> None:
             state.best_val_psnr = results["val_psnr"]
             if accelerator.is_main_process:
                 export_model(unwrapped, parts.output_dir / "best", parts.output_dir)
+                if hub is not None:
+                    hub.push_export(parts.output_dir / "best", state.step, "best")
     finally:
         unwrapped.train()
     accelerator.wait_for_everyone()
