@@ -21,8 +21,6 @@ from ..patching import BlendMode, PatchGrid, PatchStitcher, StitchMode, plan_gri
 VolumeInput = Union[np.ndarray, torch.Tensor, str, os.PathLike, nib.Nifti1Image]
 """A (D, H, W) HU array/tensor in canonical orientation, a NIfTI path, or a nibabel image."""
 
-DEFAULT_PATCH_SIZE = (128, 256, 256)
-"""The patch of an explicit grid when only an overlap fraction is given (the seeds' 256x256x128)."""
 DEFAULT_MAX_PATCH_VOXELS = 128 * 256 * 256
 """Memory budget of a planned patch: the voxels of the seeds' patch, which the `ctpa-512` model
 runs in bf16 on one 80 GB GPU and the `tiny` model in about 2 GB on a CPU."""
