@@ -143,7 +143,8 @@ class PhantomAnatomy:
     def lung_base(self, y: np.ndarray, x: np.ndarray) -> np.ndarray:
         """z of the diaphragm under each (y, x): a dome per side, the right one higher (the liver)."""
         side = np.sign(x)
-        r2 = ((np.abs(x) - 0.5 * self.body_half_width) / (0.45 * self.body_half_width)) ** 2 + (y / self.body_half_depth) ** 2
+        lateral = (np.abs(x) - 0.5 * self.body_half_width) / (0.45 * self.body_half_width)
+        r2 = lateral**2 + (y / self.body_half_depth) ** 2
         return self.diaphragm_z + 0.03 * (side > 0) + 0.12 * np.clip(1.0 - r2, 0.0, 1.0)
 
     def in_lung(self, x: float, y: float, z: float, margin: float = 0.85) -> bool:
@@ -165,7 +166,9 @@ class Phantom:
     anatomy: PhantomAnatomy
 
 
-def make_labelled_phantom(shape: Sequence[int] = (96, 128, 128), seed: int = 0, noise_hu: float | None = None) -> Phantom:
+def make_labelled_phantom(
+    shape: Sequence[int] = (96, 128, 128), seed: int = 0, noise_hu: float | None = None
+) -> Phantom:
     """A synthetic CTPA volume of ``shape`` = (D, H, W) with its label map; deterministic by seed.
 
     ``noise_hu`` is the standard deviation of the CT noise (default: drawn in [10, 20] HU
@@ -248,7 +251,9 @@ class _Canvas:
         self.max_chunk_voxels = max_chunk_voxels
         self.core_radius = 0.5 * float(np.linalg.norm(self.voxel))  # half a voxel diagonal
 
-    def boxes(self, low=(-1.0, -1.0, 0.0), high=(1.0, 1.0, 1.0)) -> Iterator[tuple[tuple[slice, ...], np.ndarray, np.ndarray, np.ndarray]]:
+    def boxes(
+        self, low=(-1.0, -1.0, 0.0), high=(1.0, 1.0, 1.0)
+    ) -> Iterator[tuple[tuple[slice, ...], np.ndarray, np.ndarray, np.ndarray]]:
         """``(index, z, y, x)`` over z-chunks of the voxels inside the box ``low``-``high`` (x, y, z).
 
         ``index`` is a tuple of slices into the volume, ``z`` is ``(n, 1, 1)``, ``y`` ``(1, h, 1)``,
@@ -276,7 +281,7 @@ class _Canvas:
         """Paint an ellipsoid (normalised center and radii, x y z); only over ``where`` voxels if given."""
         center, radii = np.asarray(center), np.asarray(radii)
         for index, z, y, x in self.boxes(center - radii, center + radii):
-            mask = ((x - center[0]) / radii[0]) ** 2 + ((y - center[1]) / radii[1]) ** 2 + ((z - center[2]) / radii[2]) ** 2 < 1
+            mask = sum(((t - c) / r) ** 2 for t, c, r in zip((x, y, z), center, radii)) < 1
             if where is not None:
                 mask &= self.labels[index] == where
             self.paint(index, mask, hu, structure)
@@ -318,17 +323,20 @@ class _SmoothField:
 
     def __init__(self, rng: np.random.Generator, scale: float):
         self.scale = scale
-        self.centers = [np.arange(lo - 3 * scale, hi + 3 * scale, scale) for lo, hi in ((0.0, Z_EXTENT), (-1.0, 1.0), (-1.0, 1.0))]
+        extents = ((0.0, Z_EXTENT), (-1.0, 1.0), (-1.0, 1.0))  # z, y, x
+        self.centers = [np.arange(lo - 3 * scale, hi + 3 * scale, scale) for lo, hi in extents]
         self.weights = rng.standard_normal([len(c) for c in self.centers]).astype(np.float32)
 
     def _basis(self, t: np.ndarray, centers: np.ndarray) -> tuple[np.ndarray, slice]:
-        near = slice(np.searchsorted(centers, t.min() - 4 * self.scale), np.searchsorted(centers, t.max() + 4 * self.scale))
+        reach = 4 * self.scale
+        near = slice(np.searchsorted(centers, t.min() - reach), np.searchsorted(centers, t.max() + reach))
         basis = np.exp(-0.5 * ((t[:, None] - centers[None, near]) / self.scale) ** 2)
         return (basis / np.sqrt((basis**2).sum(1, keepdims=True))).astype(np.float32), near
 
     def __call__(self, z: np.ndarray, y: np.ndarray, x: np.ndarray) -> np.ndarray:
         """The field at the broadcasting grid ``z (n, 1, 1)``, ``y (1, h, 1)``, ``x (1, 1, w)``: ``(n, h, w)``."""
-        (bz, nz), (by, ny), (bx, nx) = (self._basis(t.ravel() * s, c) for t, s, c in zip((z, y, x), (Z_EXTENT, 1, 1), self.centers))
+        coordinates = (z.ravel() * Z_EXTENT, y.ravel(), x.ravel())
+        (bz, nz), (by, ny), (bx, nx) = (self._basis(t, c) for t, c in zip(coordinates, self.centers))
         field = self.weights[nz, ny, nx] @ bx.T  # (a, b, w)
         field = by @ field  # (a, h, w)
         return (bz @ field.reshape(field.shape[0], -1)).reshape(len(bz), len(by), len(bx))
@@ -341,8 +349,9 @@ def _draw_body(canvas: _Canvas, a: PhantomAnatomy, shape_field: _SmoothField) ->
         canvas.paint(index, rho < 1.0, HU_FAT, Structure.FAT)
         canvas.paint(index, rho < 1.0 - a.fat_fraction, HU_MUSCLE, Structure.SOFT_TISSUE)
     w, d, top = a.body_half_width, a.body_half_depth, a.diaphragm_z + 0.1
-    canvas.ellipsoid((0.3 * w, 0.0, top - 0.25), (0.55 * w, 0.75 * d, 0.3), HU_LIVER, Structure.SOFT_TISSUE, Structure.SOFT_TISSUE)
-    canvas.ellipsoid((-0.55 * w, -0.4 * d, top - 0.15), (0.2 * w, 0.3 * d, 0.12), HU_MUSCLE, Structure.SOFT_TISSUE, Structure.SOFT_TISSUE)
+    soft = Structure.SOFT_TISSUE
+    canvas.ellipsoid((0.3 * w, 0.0, top - 0.25), (0.55 * w, 0.75 * d, 0.3), HU_LIVER, soft, where=soft)  # liver
+    canvas.ellipsoid((-0.55 * w, -0.4 * d, top - 0.15), (0.2 * w, 0.3 * d, 0.12), HU_MUSCLE, soft, where=soft)  # spleen
 
 
 def _draw_lungs(canvas: _Canvas, a: PhantomAnatomy, shape_field: _SmoothField, texture: _SmoothField) -> None:
@@ -372,7 +381,8 @@ def _draw_mediastinum(canvas: _Canvas, a: PhantomAnatomy) -> None:
 
     spine, carina = a.spine_y, a.carina
     aorta = [heart + (-0.02, 0.0, 0.08), (0.04, 0.02, carina[2] + 0.06), (0.0, spine + 0.22, carina[2] + 0.16),
-             (-0.1, spine + 0.12, carina[2] + 0.12), (-0.12, spine + 0.1, carina[2] - 0.05), (-0.1, spine + 0.1, 0.0)]  # fmt: skip
+             (-0.1, spine + 0.12, carina[2] + 0.12), (-0.12, spine + 0.1, carina[2] - 0.05),
+             (-0.1, spine + 0.1, 0.0)]  # fmt: skip
     for start, end in zip(aorta[:-1], aorta[1:]):
         canvas.tube(np.array(start), np.array(end), 0.065, a.blood_hu, Structure.BLOOD)
     right_atrium = heart + (0.2, -0.06, 0.05)
@@ -397,7 +407,8 @@ def _draw_bones(canvas: _Canvas, a: PhantomAnatomy) -> None:
         canvas.paint(index, vertebra, HU_CORTICAL_BONE, Structure.BONE)
         canvas.paint(index, vertebra & (body2 + (level / 0.4) ** 4 < 0.6), HU_CANCELLOUS_BONE, Structure.BONE)
         canal2 = (x / 0.05) ** 2 + ((y - spine + 0.14) / 0.045) ** 2
-        arch = ((canal2 > 1.0) & (canal2 < 2.6) & (y < spine - 0.1)) | ((x / 0.025) ** 2 + ((y - spine + 0.22) / 0.06) ** 2 < 1.0)
+        spinous_process = (x / 0.025) ** 2 + ((y - spine + 0.22) / 0.06) ** 2 < 1.0
+        arch = ((canal2 > 1.0) & (canal2 < 2.6) & (y < spine - 0.1)) | spinous_process
         canvas.paint(index, arch & (np.abs(level) < 0.35), HU_CORTICAL_BONE, Structure.BONE)
         canvas.paint(index, canal2 < 1.0, HU_CSF, Structure.SOFT_TISSUE)
 
@@ -417,7 +428,8 @@ def _draw_bones(canvas: _Canvas, a: PhantomAnatomy) -> None:
         front_fraction = 0.5 * (1.0 + y / (a.body_half_depth * rho + 1e-6))  # 0 at the back, 1 at the front
         u = (z - a.diaphragm_z + drop * front_fraction) / spacing - a.rib_phase
         rib = np.rint(u)
-        section = ((u - rib) * spacing / 0.018) ** 2 + ((rho - 0.5 * (inner + outer)) / (0.5 * (outer - inner))) ** 2 < 1.0
+        radial = (rho - 0.5 * (inner + outer)) / (0.5 * (outer - inner))
+        section = ((u - rib) * spacing / 0.018) ** 2 + radial**2 < 1.0
         section &= band & (rib >= 1) & (rib <= 12) & (np.abs(x) > 0.12)
         cartilage = section & (front_fraction > 0.85)
         canvas.paint(index, section & ~cartilage, 0.6 * HU_CORTICAL_BONE + 0.4 * HU_CANCELLOUS_BONE, Structure.BONE)
