@@ -27,7 +27,7 @@ What it draws, in painting order (every boundary a smooth implicit surface, thre
 
 :func:`make_labelled_phantom` also returns a :class:`Structure` label map. Everything is
 vectorised NumPy over z-chunks (bounded memory) and bounding boxes; 48 x 96 x 96 takes about
-0.2 s and 128 x 256 x 256 about 2 s on one core. Deterministic by seed for a given shape.
+0.3 s and 128 x 256 x 256 about 2 s on one core. Deterministic by seed for a given shape.
 """
 
 from __future__ import annotations
