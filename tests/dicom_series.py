@@ -42,7 +42,7 @@ def write_series(
     orientation=None,
     steps=None,
     slope: float = 1.0,
-    intercept: float = -1024.0,
+    intercept: float = -3072.0,  # room for scanner padding (-3024 HU) in uint16
     image_type=("ORIGINAL", "PRIMARY", "AXIAL"),
     sop_class=CTImageStorage,
     modality="CT",

@@ -44,11 +44,11 @@ def test_series_is_ordered_by_position_and_keeps_its_geometry(tmp_path):
 
 def test_rescale_slope_and_intercept_give_hu(tmp_path):
     hu = (SLICES // 2) * 2  # even HU: exact with slope 2
-    write_series(tmp_path / "int", hu, slope=2.0, intercept=-2048.0)
+    write_series(tmp_path / "int", hu, slope=2.0, intercept=-4096.0)
     np.testing.assert_array_equal(_source_layout(load_volume(tmp_path / "int")), hu.transpose(2, 1, 0))
 
-    fractional = SLICES.astype(np.float64) * 0.5  # stored = hu / 0.25 + 4096: HU in quarter steps
-    write_series(tmp_path / "float", fractional, slope=0.25, intercept=-1024.0)
+    fractional = SLICES.astype(np.float64) * 0.5  # stored = hu / 0.25 + 8192: HU in quarter steps
+    write_series(tmp_path / "float", fractional, slope=0.25, intercept=-2048.0)
     volume = load_volume(tmp_path / "float")
     assert volume.hu.dtype == np.float32
     np.testing.assert_allclose(_source_layout(volume), fractional.transpose(2, 1, 0), atol=1e-4)
