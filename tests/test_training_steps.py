@@ -149,7 +149,9 @@ def test_k_micro_batches_accumulate_to_one_batch_of_k(prepared, tmp_path):
     accumulated = _grads_at_step(small, [x[i : i + 1] for i in range(4)])
     assert one_batch.keys() == accumulated.keys() and len(one_batch) > 10
     for name in one_batch:
-        torch.testing.assert_close(accumulated[name], one_batch[name], rtol=1e-3, atol=1e-7, msg=name)
+        # float32 summation order differs (one batch of 4 vs 4 of 1): about 1e-7 of |grad| max
+        scale = float(one_batch[name].abs().max())
+        torch.testing.assert_close(accumulated[name], one_batch[name], rtol=1e-3, atol=1e-5 * scale, msg=name)
 
 
 # ------------------------------------------------------------------------------ the GAN stage
@@ -178,8 +180,11 @@ def test_gan_stage_and_perceptual_loss_switch_on_at_start_step(prepared, tmp_pat
     expected = 4.0 * terms["l1"] + terms["commitment"] + 0.1 * terms["perceptual"]
     expected = expected + terms["g_adversarial"] + 4.0 * terms["feature_matching"]
     torch.testing.assert_close(terms["loss"], expected)
-    changed = [n for n, p in _params(parts.critics).items() if not torch.equal(p, critics[n])]
-    assert len(changed) == len(critics), "every critic parameter moves on the first GAN step"
+    # The logits' biases are exempt: while every logit lies inside the hinge margin [-1, 1], the
+    # hinge loss's gradient on them is 0.5 * (-1 + 1) = 0 exactly.
+    moved = {n for n, p in _params(parts.critics).items() if not torch.equal(p, critics[n])}
+    still = sorted(set(critics) - moved - {"image.to_logits.bias", "volume.to_logits.bias"})
+    assert still == [], f"critic parameters that did not move on the first GAN step: {still}"
     assert not any(p.requires_grad for p in parts.perceptual.parameters()) and not parts.perceptual.training
 
 
