@@ -217,9 +217,18 @@ def _add_evaluate(subparsers) -> None:
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
+    import warnings
+
     import numpy as np
 
-    from .evaluation import iter_volumes, score_volume, write_scores_csv
+    from .evaluation import VolumeScore, iter_volumes, score_volume, write_scores_csv
+
+    def summary(score: VolumeScore) -> str:
+        return (
+            f"PSNR {score.psnr:.2f} dB, SSIM {score.ssim:.4f}; body PSNR {score.body_psnr:.2f} dB, "
+            f"SSIM {score.body_ssim:.4f}; MAE HU body {score.mae_body:.1f}, lung {score.mae_lung:.1f}, "
+            f"soft tissue {score.mae_soft_tissue:.1f}, vessel {score.mae_vessel:.1f}, bone {score.mae_bone:.1f}"
+        )
 
     pipeline = _load_pipeline(args)
     grid = dict(patch_size=args.patch, overlap=args.overlap, blend=args.blend, batch_size=args.batch_size)
@@ -227,10 +236,13 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     for name, hu in iter_volumes(args.input, args.split):
         score, _ = score_volume(pipeline, hu, name, **grid)
         scores.append(score)
-        print(f"{name}: PSNR {score.psnr:.2f} dB, SSIM {score.ssim:.4f}, clipped {100 * score.clipped_fraction:.3f}%")
-    psnr, ssim = np.mean([s.psnr for s in scores]), np.mean([s.ssim for s in scores])
+        print(f"{name}: {summary(score)}; clipped {100 * score.clipped_fraction:.3f}%")
+    values = {key: [getattr(s, key) for s in scores] for key in VolumeScore.__dataclass_fields__ if key != "name"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a region empty in every volume stays NaN
+        mean = VolumeScore("mean", **{key: float(np.nanmean(v)) for key, v in values.items()})
     low, high = pipeline.window
-    print(f"mean over {len(scores)} volumes: PSNR {psnr:.2f} dB, SSIM {ssim:.4f} (HU window {low:g}..{high:g})")
+    print(f"mean over {len(scores)} volumes: {summary(mean)} (HU window {low:g}..{high:g}; regions: ctpa_vq.regions)")
     if args.csv:
         write_scores_csv(scores, args.csv)
     return 0
