@@ -11,7 +11,8 @@ adversarial or perceptual loss: this compares the autoencoders, not GAN recipes.
   levels (8, 6, 5) = 240 codes), scored through ``CTPAReconstructionPipeline`` (the route a user
   and a DDPM get) and, as ``...-per-patch``, with each patch run through the whole model and
   blended in pixels (MONAI ``sliding_window_inference``, same grid, gaussian).
-* ``monai-vqvae``: ``monai.networks.nets.VQVAE``, two stride-2 stages, 256 codes of dimension 8.
+* ``monai-vqvae``: ``monai.networks.nets.VQVAE``, two stride-2 stages, 256 codes of dimension 8,
+  MONAI's EMA decay 0.5 (with 0.99, as ours, its normal-initialised codebook collapses to 1-2 codes).
 * ``monai-autoencoderkl``: ``monai.networks.nets.AutoencoderKL`` (the MAISI family), two
   downsamplings, 4 continuous latent channels (far more bits per latent voxel than 8 bits of a
   256-code index); decoded from the latent mean.
@@ -105,7 +106,7 @@ def build(method: str) -> torch.nn.Module:
         return VQVAE(
             spatial_dims=3, in_channels=1, out_channels=1, channels=(24, 48), num_res_layers=1,
             num_res_channels=(24, 48), downsample_parameters=((2, 4, 1, 1),) * 2,
-            upsample_parameters=((2, 4, 1, 1, 0),) * 2, num_embeddings=256, embedding_dim=8, decay=0.99,
+            upsample_parameters=((2, 4, 1, 1, 0),) * 2, num_embeddings=256, embedding_dim=8,
         )  # fmt: skip
     if method == "monai-autoencoderkl":
         return AutoencoderKL(
@@ -204,7 +205,7 @@ def print_table(rows: list[Row]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", nargs="+", default=[*CLASSICAL, *LEARNED], choices=[*CLASSICAL, *LEARNED])
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--patch", type=int, nargs=3, default=[16, 32, 32], help="training patch (D, H, W)")
@@ -213,7 +214,9 @@ def main() -> None:
     parser.add_argument("--inplane", type=int, default=4, help="block-average this factor in-plane first (1: none)")
     parser.add_argument("--no-per-patch", action="store_true", help="skip VQGAN3D's per-patch pixel-blended route")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (1 on a shared machine: oversubscribed OpenMP spins)"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
