@@ -1,4 +1,4 @@
-"""`ctpa-vq evaluate`: per-volume PSNR/SSIM (whole and body) and region HU errors over a NIfTI folder or a prepared split."""
+"""`ctpa-vq evaluate`: per-volume PSNR/SSIM (whole, body) and region HU errors over NIfTI or a prepared split."""
 
 from __future__ import annotations
 

@@ -27,7 +27,9 @@ def _phantom(shape=(12, 40, 40)):
         masks[name] = mask
     for name, mask in masks.items():
         hu[mask] = ANATOMY[name][0]
-    wall = masks["lung"] & ~np.pad(np.ones((shape[0], 22, 5), dtype=bool), ((0, 0), (9, shape[1] - 31), (9, shape[2] - 14)))
+    lung_core = np.zeros(shape, dtype=bool)
+    lung_core[:, 9:31, 9:14] = True
+    wall = masks["lung"] & ~lung_core
     hu[wall] = 40  # a soft-tissue wall round the lung stripe makes the lung a hole in the body
     masks["soft_tissue"] |= wall
     masks["lung"] &= ~wall
