@@ -5,7 +5,8 @@ scored on the whole other volume (``lung2``, 61x512x512), both from :mod:`real_c
 same patch size and patch sequence, same 4x4x4 spatial compression, same optimiser, schedule and
 number of steps (one learning rate, except for MONAI's VQVAE, below), parameter counts within 10%
 of each other; the loss is L1 on the [-1, 1] window plus each model's own regulariser (VQ
-commitment, MONAI VQ loss, KL for AutoencoderKL). No adversarial or perceptual loss: this compares the autoencoders, not GAN recipes.
+commitment, MONAI VQ loss, KL for AutoencoderKL). No adversarial or perceptual loss: this compares
+the autoencoders, not GAN recipes.
 
 * ``vqgan3d-ema`` / ``vqgan3d-fsq``: ``VQGAN3D`` preset ``tiny`` (256-code EMA codebook; FSQ with
   levels (8, 6, 5) = 240 codes), scored through ``CTPAReconstructionPipeline`` (the route a user
