@@ -57,6 +57,7 @@ from ctpa_vq.regions import REGIONS, body_mask, region_labels  # noqa: E402
 
 FACTOR = 4
 KL_WEIGHT = 1e-6
+DENSE_HU = 150.0  # --dense-weight applies from here up: contrast-enhanced vessels and bone
 LEARNED = ("vqgan3d-ema", "vqgan3d-fsq", "monai-vqvae", "monai-autoencoderkl")
 CLASSICAL = ("trilinear", "tricubic")
 
@@ -119,17 +120,25 @@ def build(method: str) -> torch.nn.Module:
     raise ValueError(method)
 
 
-def training_loss(method: str, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """L1 in [-1, 1] plus the model's own regulariser."""
+def weighted_l1(reconstruction: torch.Tensor, x: torch.Tensor, dense_weight: float) -> torch.Tensor:
+    """L1 with voxels >= ``DENSE_HU`` (enhanced vessels, bone) weighted ``dense_weight``, normalised."""
+    if dense_weight == 1:
+        return F.l1_loss(reconstruction, x)
+    weight = 1 + (dense_weight - 1) * (x >= float(hu_to_unit(np.float32([DENSE_HU]))[0])).float()
+    return ((reconstruction - x).abs() * weight).mean() / weight.mean()
+
+
+def training_loss(method: str, model: torch.nn.Module, x: torch.Tensor, dense_weight: float = 1.0) -> torch.Tensor:
+    """(Weighted) L1 in [-1, 1] plus the model's own regulariser."""
     if method.startswith("vqgan3d"):
         out = model(x)
-        return F.l1_loss(out.sample, x) + out.commitment_loss
+        return weighted_l1(out.sample, x, dense_weight) + out.commitment_loss
     if method == "monai-vqvae":
         reconstruction, vq_loss = model(x)
-        return F.l1_loss(reconstruction, x) + vq_loss
+        return weighted_l1(reconstruction, x, dense_weight) + vq_loss
     reconstruction, mu, sigma = model(x)
     kl = 0.5 * (mu.square() + sigma.square() - torch.log(sigma.square() + 1e-12) - 1).sum() / x.shape[0]
-    return F.l1_loss(reconstruction, x) + KL_WEIGHT * kl
+    return weighted_l1(reconstruction, x, dense_weight) + KL_WEIGHT * kl
 
 
 def predictor(method: str, model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -153,7 +162,7 @@ def train(method: str, model: torch.nn.Module, patches: torch.Tensor, args) -> N
     model.train()
     for step in range(args.steps):
         batch = patches[step * args.batch : (step + 1) * args.batch]
-        loss = training_loss(method, model, batch)
+        loss = training_loss(method, model, batch, args.dense_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -213,6 +222,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--vqvae-lr", type=float, default=1e-3, help="MONAI VQVAE's (its codebook collapses at 2e-3)")
+    parser.add_argument("--dense-weight", type=float, default=1.0, help="L1 weight of voxels >= 150 HU (1: plain L1)")
     parser.add_argument("--patch", type=int, nargs=3, default=[16, 32, 32], help="training patch (D, H, W)")
     parser.add_argument("--infer-patch", type=int, nargs=3, default=[32, 128, 128], help="inference patch (D, H, W)")
     parser.add_argument("--overlap", type=float, default=0.25)
