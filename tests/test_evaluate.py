@@ -1,4 +1,4 @@
-"""`ctpa-vq evaluate`: per-volume PSNR/SSIM over a NIfTI folder or a prepared split."""
+"""`ctpa-vq evaluate`: per-volume PSNR/SSIM (whole, body) and region HU errors over NIfTI or a prepared split."""
 
 from __future__ import annotations
 
@@ -50,6 +50,10 @@ def test_evaluate_folder_matches_the_pipeline_and_writes_csv(model_dir, scans, t
     direct = reconstruction_metrics(pipeline(hu, patch_size=(16, 32, 32)).reconstruction, hu, pipeline.window)
     assert float(rows[1]["psnr"]) == pytest.approx(direct.psnr, abs=1e-4)
     assert float(rows[1]["ssim"]) == pytest.approx(direct.ssim, abs=1e-5)
+    assert float(rows[1]["body_psnr"]) == pytest.approx(direct.body_psnr, abs=1e-4)
+    assert float(rows[1]["body_ssim"]) == pytest.approx(direct.body_ssim, abs=1e-5)
+    for region in ("body", "lung", "soft_tissue", "vessel", "bone"):
+        assert float(rows[1][f"mae_{region}"]) == pytest.approx(direct.mae[region], rel=1e-5, nan_ok=True), region
 
 
 def test_evaluate_prepared_split(model_dir, scans, tmp_path, capsys):

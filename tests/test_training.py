@@ -177,7 +177,7 @@ def test_demo_recipe_learns(tmp_path):
         scores = []
         for i in range(len(val)):
             hu = np.asarray(val.volume(i))
-            scores.append(psnr_hu(pipeline(hu, patch_size=(32, 64, 64)).reconstruction, hu))
+            scores.append(psnr_hu(pipeline(hu).reconstruction, hu))  # the planned grid, as validation
         return float(np.mean(scores))
 
     before, after = mean_psnr(untrained), mean_psnr(trained)

@@ -365,11 +365,20 @@ def _add_evaluate(subparsers) -> None:
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
+    import warnings
+
     import numpy as np
 
     from .data.dicom import SkippedSeries
     from .data.nifti import CTFileError
-    from .evaluation import iter_volumes, score_volume, write_scores_csv
+    from .evaluation import VolumeScore, iter_volumes, score_volume, write_scores_csv
+
+    def summary(score: VolumeScore) -> str:
+        return (
+            f"PSNR {score.psnr:.2f} dB, SSIM {score.ssim:.4f}; body PSNR {score.body_psnr:.2f} dB, "
+            f"SSIM {score.body_ssim:.4f}; MAE HU body {score.mae_body:.1f}, lung {score.mae_lung:.1f}, "
+            f"soft tissue {score.mae_soft_tissue:.1f}, vessel {score.mae_vessel:.1f}, bone {score.mae_bone:.1f}"
+        )
 
     pipeline = _load_pipeline(args)
     options = dict(_grid_options(args), blend=args.blend, batch_size=args.batch_size)
@@ -389,11 +398,14 @@ def _run_evaluate(args: argparse.Namespace) -> int:
             failures.append(f"{name}: {err}")
             continue
         scores.append(score)
-        print(f"{name}: PSNR {score.psnr:.2f} dB, SSIM {score.ssim:.4f}, clipped {100 * score.clipped_fraction:.3f}%")
+        print(f"{name}: {summary(score)}; clipped {100 * score.clipped_fraction:.3f}%")
     if scores:
-        psnr, ssim = np.mean([s.psnr for s in scores]), np.mean([s.ssim for s in scores])
+        values = {key: [getattr(s, key) for s in scores] for key in VolumeScore.__dataclass_fields__ if key != "name"}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a region empty in every volume stays NaN
+            mean = VolumeScore("mean", **{key: float(np.nanmean(v)) for key, v in values.items()})
         low, high = pipeline.window
-        print(f"mean over {len(scores)} volumes: PSNR {psnr:.2f} dB, SSIM {ssim:.4f} (HU window {low:g}..{high:g})")
+        print(f"mean over {len(scores)} volumes: {summary(mean)} (HU window {low:g}..{high:g}; regions: ctpa_vq.regions)")
     if args.csv and scores:
         write_scores_csv(scores, args.csv)
     if failures:

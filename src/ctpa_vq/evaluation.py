@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import csv
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from functools import partial
 from typing import Callable, Iterator, Sequence
@@ -21,16 +21,29 @@ from .data.volume_io import INPUT_KINDS, find_volumes, load_volume
 from .intensity import clipped_fraction
 from .metrics import reconstruction_metrics
 from .pipelines import CTPAReconstructionOutput, CTPAReconstructionPipeline
+from .regions import REGIONS
 
 
 @dataclass
 class VolumeScore:
-    """One volume's reconstruction quality: PSNR (dB) and SSIM in HU over the model's window,
-    and the fraction of its voxels that the window clips (lost before the model sees them)."""
+    """One volume's reconstruction quality in HU over the model's window.
+
+    ``psnr`` (dB) and ``ssim`` over the whole volume; ``body_psnr`` and ``body_ssim`` over the
+    body mask; ``mae_*`` the mean absolute HU error over the body and per region (lung, soft
+    tissue, contrast-enhanced vessel, bone; see :mod:`ctpa_vq.regions`; NaN where a region is
+    empty); ``clipped_fraction`` of the voxels the window clips (lost before the model sees them).
+    """
 
     name: str
     psnr: float
     ssim: float
+    body_psnr: float
+    body_ssim: float
+    mae_body: float
+    mae_lung: float
+    mae_soft_tissue: float
+    mae_vessel: float
+    mae_bone: float
     clipped_fraction: float
 
 
@@ -52,7 +65,9 @@ def score_volume(
     )
     scores = reconstruction_metrics(result.reconstruction, hu, pipeline.window, device=pipeline.vqgan.device)
     clipped = sum(clipped_fraction(hu, pipeline.window))
-    return VolumeScore(name, scores.psnr, scores.ssim, clipped), result
+    mae = {f"mae_{region}": scores.mae[region] for region in ("body", *REGIONS)}
+    return VolumeScore(name, scores.psnr, scores.ssim, scores.body_psnr, scores.body_ssim, **mae,
+                       clipped_fraction=clipped), result  # fmt: skip
 
 
 def iter_volumes(
@@ -86,8 +101,8 @@ def iter_volumes(
 
 
 def write_scores_csv(scores: Sequence[VolumeScore], path: str | os.PathLike) -> None:
-    """One row per volume (name, psnr, ssim, clipped_fraction), written atomically."""
+    """One row per volume (the fields of :class:`VolumeScore`), written atomically."""
     with atomic_path(path, ".csv") as tmp, tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, ["name", "psnr", "ssim", "clipped_fraction"])
+        writer = csv.DictWriter(f, [f.name for f in fields(VolumeScore)])
         writer.writeheader()
         writer.writerows(asdict(s) for s in scores)
