@@ -3,6 +3,7 @@ critics' schedule, the non-finite guard, host syncs, shuffling, and the loop's c
 
 from __future__ import annotations
 
+import csv
 import traceback
 from pathlib import Path
 
@@ -356,3 +357,17 @@ def test_validation_and_the_best_export_leave_the_model_training(prepared, tmp_p
     on_sync(parts, MetricWindow(), MetricsLogger(parts.accelerator, tmp_path / "metrics.csv"), 0, last_step=100)
     assert (parts.output_dir / "best" / "model_index.json").is_file()
     assert parts.model.training and parts.model.quantizer.training
+
+
+def test_validation_logs_evaluate_s_body_and_region_figures(prepared, tmp_path):
+    config = _config(prepared, tmp_path, "training.validate_every=1")
+    parts = build_training(config, Accelerator(cpu=True))
+    parts.output_dir.mkdir(parents=True)
+    _take_step(parts, _batch(parts, 2), 0)
+    on_sync(parts, MetricWindow(), MetricsLogger(parts.accelerator, tmp_path / "metrics.csv"), 0, last_step=100)
+    with (tmp_path / "metrics.csv").open() as f:
+        row = [r for r in csv.DictReader(f) if r["val_psnr"]][-1]
+    # The phantoms hold lung, soft tissue, contrast and bone, and air outside the body.
+    for key in ("val_body_psnr", "val_body_ssim", "val_mae_body", "val_mae_lung", "val_mae_soft_tissue", "val_mae_bone"):
+        assert np.isfinite(float(row[key])), key
+    assert float(row["val_body_psnr"]) != float(row["val_psnr"]), "body PSNR must not be the whole-volume figure"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -12,18 +13,22 @@ from accelerate.utils import gather_object
 
 from ..atomic import fsync_dir, fsync_tree
 from ..data.patch_dataset import VolumeStore
-from ..evaluation import score_volume
+from ..evaluation import VolumeScore, score_volume
 from ..models import VQGAN3D
 from ..pipelines import CTPAReconstructionPipeline
 from ..visualize import save_mid_slices
 from .config import TrainConfig
 
 
+SCORE_FIELDS = tuple(name for name in VolumeScore.__dataclass_fields__ if name != "name")
+"""The per-volume figures validation averages into `val_<field>` (whole-volume, body and per-region)."""
+
+
 @torch.no_grad()
 def validate(
     model: VQGAN3D, volumes: VolumeStore, config: TrainConfig, sample_dir: Path, step: int, accelerator: Accelerator
 ) -> dict:
-    """PSNR/SSIM in HU over the model's window, codebook use and clipping, on whole volumes.
+    """`evaluate`'s figures (whole-volume and body PSNR/SSIM in HU, per-region HU error, clipping) and codebook use, on whole volumes.
 
     The first `training.val_max_volumes` volumes are shared out across processes (volume `i` on
     process `i % world_size`) and the per-volume scores and code counts gathered, so every
@@ -47,24 +52,21 @@ def validate(
             batch_size=config.training.val_batch_size,
             max_patch_voxels=config.training.val_max_patch_voxels,
         )
-        scores.append((index, score.psnr, score.ssim, score.clipped_fraction))
+        scores.append((index, score))
         counts += torch.bincount(result.indices.flatten().cpu(), minlength=counts.numel()).double()
         if index == 0:
             sample_dir.mkdir(parents=True, exist_ok=True)
             save_mid_slices(sample_dir / f"step-{step:08d}.png", hu, result.reconstruction, pipeline.window)
     # Sorted by volume: the means add in the same order whatever the world size.
-    scores = sorted(gather_object(scores)) if accelerator.num_processes > 1 else scores
+    scores = [score for _, score in sorted(gather_object(scores) if accelerator.num_processes > 1 else scores,
+                                           key=lambda item: item[0])]
     counts = accelerator.reduce(counts.to(accelerator.device), "sum").cpu()
-    psnr, ssim, clipped = (np.array([s[k] for s in scores]) for k in (1, 2, 3))
     probs = counts / counts.sum()
     perplexity = float(torch.exp(-(probs[probs > 0] * probs[probs > 0].log()).sum()))
-    return {
-        "val_psnr": float(psnr.mean()),
-        "val_ssim": float(ssim.mean()),
-        "val_perplexity": perplexity,
-        "val_codebook_usage": float((counts > 0).double().mean()),
-        "val_clipped_fraction": float(clipped.mean()),
-    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a region absent from every volume stays NaN
+        means = {f"val_{key}": float(np.nanmean([getattr(s, key) for s in scores])) for key in SCORE_FIELDS}
+    return {**means, "val_perplexity": perplexity, "val_codebook_usage": float((counts > 0).double().mean())}
 
 
 def export_model(model: VQGAN3D, target: Path, run_dir: Path) -> None:
