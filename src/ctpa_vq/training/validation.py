@@ -1,8 +1,7 @@
-"""Validation on whole volumes (patch-wise, through the real pipeline) and model export."""
+"""Validation on whole volumes (patch-wise, through the real pipeline), shared out across processes."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +9,6 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
-from ..atomic import fsync_dir, fsync_tree
 from ..data.patch_dataset import VolumeStore
 from ..evaluation import score_volume
 from ..models import VQGAN3D
@@ -30,7 +28,7 @@ def validate(
     process returns the same figures as one process scoring them all. Process 0 writes
     mid-slices (input | reconstruction | error) of volume 0 to `sample_dir/step-XXXXXXXX.png`.
     """
-    pipeline = CTPAReconstructionPipeline(vqgan=model)  # puts the model in eval mode
+    pipeline = CTPAReconstructionPipeline(vqgan=model)  # runs the model in eval mode, then gives train mode back
     pipeline.set_progress_bar_config(disable=True)
     limit = min(config.training.val_max_volumes or len(volumes), len(volumes))
     scores = []
@@ -65,21 +63,3 @@ def validate(
         "val_codebook_usage": float((counts > 0).double().mean()),
         "val_clipped_fraction": float(clipped.mean()),
     }
-
-
-def export_model(model: VQGAN3D, target: Path, run_dir: Path) -> None:
-    """Save the pipeline (model under `vqgan/`) plus the recipe and metrics; replace `target` atomically."""
-    partial = target.with_name(f".partial-{target.name}")
-    shutil.rmtree(partial, ignore_errors=True)
-    CTPAReconstructionPipeline(vqgan=model).save_pretrained(partial)
-    for name in ("config.yaml", "metrics.csv"):
-        if (run_dir / name).exists():
-            shutil.copy2(run_dir / name, partial / name)
-    previous = target.with_name(f".previous-{target.name}")
-    shutil.rmtree(previous, ignore_errors=True)
-    if target.exists():
-        target.rename(previous)
-    fsync_tree(partial)
-    partial.rename(target)
-    shutil.rmtree(previous, ignore_errors=True)
-    fsync_dir(target.parent)
