@@ -18,7 +18,7 @@ from huggingface_hub import HfApi
 from ctpa_vq import VQGAN3D
 from ctpa_vq.training.checkpoints import save_checkpoint
 from ctpa_vq.training.hub_sync import HubConfig, HubSync, fetch_hub_checkpoint, parse_hub_resume, resolve_resume
-from ctpa_vq.training.validation import export_model
+from ctpa_vq.training.export import export_model
 from test_hub import TOKEN, hub, no_xet  # noqa: F401  (fixtures: the loopback Hub, LFS instead of Xet)
 
 pytestmark = pytest.mark.usefixtures("no_xet")

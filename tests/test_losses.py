@@ -9,15 +9,12 @@ import torch
 from safetensors.torch import save_file
 
 from ctpa_vq.models.discriminators import PatchDiscriminator
-from ctpa_vq.training.losses import (
+from ctpa_vq.training.losses import feature_matching_loss, hinge_discriminator_loss, hinge_generator_loss, random_slices
+from ctpa_vq.training.perceptual import (
     PerceptualLoss2D,
     PerceptualWeightsError,
     PerceptualWeightsNotFoundError,
     build_perceptual_loss,
-    feature_matching_loss,
-    hinge_discriminator_loss,
-    hinge_generator_loss,
-    random_slices,
 )
 
 
@@ -211,7 +208,7 @@ def test_mismatched_keys_or_shapes_name_the_file(tmp_path, backbone_file):
 
 
 def test_build_perceptual_loss_none_is_off_with_message(caplog, backbone_file):
-    with caplog.at_level(logging.WARNING, logger="ctpa_vq.training.losses"):
+    with caplog.at_level(logging.WARNING, logger="ctpa_vq.training.perceptual"):
         assert build_perceptual_loss(None) is None
     assert "perceptual loss off: no backbone weights given (set gan.perceptual_weights=...)" in caplog.text
     assert isinstance(build_perceptual_loss(str(backbone_file[0])), PerceptualLoss2D)

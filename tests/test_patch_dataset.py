@@ -15,10 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from ctpa_vq.data.patch_dataset import GridPatchDataset, RandomPatchDataset, VolumeStore
+from ctpa_vq.data.patch_dataset import RandomPatchDataset, VolumeStore
 from ctpa_vq.data.phantom import make_phantom
 from ctpa_vq.data.prepare import prepare_dataset
-from ctpa_vq.patching import PatchGrid
 
 # Source axes (i, j, k) run (-A, -S, +R): an LPS-like, axis-permuted orientation.
 PERMUTED_AFFINE = np.array(
@@ -149,19 +148,6 @@ def test_foreground_bias_steers_patches_away_from_air(tmp_path):
 def test_volume_smaller_than_the_patch_is_an_error_naming_the_patient(store):
     with pytest.raises(ValueError, match=r"patient 'vol0'.*smaller than the patch \(64, 8, 8\)"):
         RandomPatchDataset(store, (64, 8, 8))
-
-
-def test_grid_patches_follow_the_stitcher_grid(store):
-    dataset = GridPatchDataset(store, (16, 16, 16), overlap=0.25)
-    grids = [PatchGrid(shape, (16, 16, 16), 0.25) for shape in store.shapes]
-    assert len(dataset) == sum(len(g) for g in grids)
-    items = [dataset[i] for i in range(len(dataset))]
-    assert [tuple(it["origin"].tolist()) for it in items if it["volume_index"] == 1] == grids[1].origins
-    for item in items:
-        volume = store.volume(item["volume_index"])
-        origin = item["origin"].tolist()
-        padded = np.pad(volume, [(0, 16)] * 3, mode="edge")[tuple(slice(o, o + 16) for o in origin)]
-        np.testing.assert_array_equal(item["hu"][0].numpy(), padded)
 
 
 def test_pickles_small_and_works_in_dataloader_workers(store):

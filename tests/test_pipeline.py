@@ -43,7 +43,7 @@ def _pipeline(model: VQGAN3D) -> CTPAReconstructionPipeline:
 @pytest.fixture(scope="module")
 def tiny() -> CTPAReconstructionPipeline:
     torch.manual_seed(0)
-    return _pipeline(VQGAN3D.from_preset("tiny"))
+    return _pipeline(VQGAN3D.from_preset("tiny").eval())  # eval: the tests also call the model directly
 
 
 def _phantom(shape, seed=0) -> np.ndarray:
@@ -216,3 +216,15 @@ def test_bad_inputs_raise_clear_errors(tiny, tmp_path):
         tiny.decode_latents(torch.zeros(1, 3, 2, 2, 2))
     with pytest.raises(ValueError, match="output_type"):
         tiny(np.zeros((8, 16, 16), dtype=np.int16), output_type="pil")
+
+
+def test_pipeline_leaves_the_callers_train_mode_and_freezes_the_codebook_while_it_runs():
+    torch.manual_seed(0)
+    model = VQGAN3D.from_preset("tiny")
+    model.train()
+    pipe = CTPAReconstructionPipeline(vqgan=model)
+    assert model.training, "the constructor switched the model to eval mode behind the caller's back"
+    codebook = model.quantizer.embedding.clone()
+    pipe(_phantom((16, 32, 32)), output_type="np")
+    assert model.training, "the call did not give the caller's train mode back"
+    assert torch.equal(model.quantizer.embedding, codebook), "inference updated the EMA codebook"

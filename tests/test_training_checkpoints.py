@@ -14,7 +14,7 @@ from accelerate.state import AcceleratorState, GradientState
 from ctpa_vq import VQGAN3D
 from ctpa_vq.training.checkpoints import checkpoint_dirs, save_checkpoint
 from ctpa_vq.training.metrics_log import MetricsLogger
-from ctpa_vq.training.validation import export_model
+from ctpa_vq.training.export import export_model
 
 
 @pytest.fixture(autouse=True)

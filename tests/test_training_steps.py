@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from ctpa_vq.data.phantom import write_phantom_dir
 from ctpa_vq.data.prepare import prepare_dataset
 from ctpa_vq.training import NonFiniteLossError, load_config
-from ctpa_vq.training.losses import PerceptualLoss2D
+from ctpa_vq.training.perceptual import PerceptualLoss2D
 from ctpa_vq.training.loop import MetricWindow, on_sync, step_schedules
 from ctpa_vq.training.metrics_log import MetricsLogger
 from ctpa_vq.training.setup import build_accelerator, build_training, configure_backends

@@ -9,6 +9,7 @@ and `fsync_dir` of the parent after it.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -61,3 +62,21 @@ def fsync_tree(path: str | os.PathLike) -> None:
             with open(os.path.join(folder, name), "rb") as f:
                 os.fsync(f.fileno())
         fsync_dir(folder)
+
+
+def replace_folder(new: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Put the finished folder `new` in `target`'s place: flushed to disk, then renamed.
+
+    A folder cannot be renamed over a non-empty one, so an existing `target` is first moved
+    aside to `.previous-<name>` and removed once `new` is in place; a reader sees the old
+    folder or the new one, never a half-written one. `new` must be on `target`'s filesystem.
+    """
+    new, target = Path(new), Path(target)
+    fsync_tree(new)
+    previous = target.with_name(f".previous-{target.name}")
+    shutil.rmtree(previous, ignore_errors=True)
+    if target.exists():
+        target.rename(previous)
+    new.rename(target)
+    fsync_dir(target.parent)
+    shutil.rmtree(previous, ignore_errors=True)

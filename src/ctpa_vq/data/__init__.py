@@ -4,7 +4,7 @@ resampling, dataset preparation and patch access."""
 from __future__ import annotations
 
 from .nifti import CTFileError, CTVolume, ct_from_image, load_ct, save_ct_like
-from .patch_dataset import GridPatchDataset, RandomPatchDataset, VolumeStore
+from .patch_dataset import RandomPatchDataset, VolumeStore
 from .phantom import make_phantom, write_phantom_dir, write_phantom_nifti
 from .prepare import PrepareReport, prepare_dataset
 from .volume_io import find_volumes, load_volume, save_volume_like
@@ -12,7 +12,6 @@ from .volume_io import find_volumes, load_volume, save_volume_like
 __all__ = [
     "CTFileError",
     "CTVolume",
-    "GridPatchDataset",
     "PrepareReport",
     "RandomPatchDataset",
     "VolumeStore",

@@ -5,17 +5,13 @@ view into the memory-mapped Arrow buffer (no copy, no decompression). Slicing a 
 that view touches only the pages under the patch, so reading one patch reads about one patch
 of bytes, and resident memory does not grow with the number of volumes.
 
-Two torch map-style datasets sit on top:
+:class:`RandomPatchDataset` (training) sits on top: item ``i`` is a patch of volume
+``i % n_volumes`` at a position drawn from ``(seed, epoch, i)`` alone, so any process, worker or
+resumed run gets the same patch for the same index and epoch (the loop's sampler shuffles the
+indices per epoch and Accelerate shards them across processes). Whole-volume evaluation goes
+through the pipeline's planned grid instead.
 
-* :class:`RandomPatchDataset` (training): item ``i`` is a patch of volume ``i % n_volumes`` at a
-  position drawn from ``(seed, epoch, i)`` alone, so any process, worker or resumed run gets
-  the same patch for the same index and epoch. Accelerate's sampler sharding splits the
-  indices across processes.
-* :class:`GridPatchDataset` (evaluation): every patch of the stitcher's
-  :class:`~ctpa_vq.patching.PatchGrid` of every volume, edge patches padded by replication
-  like the stitcher does.
-
-Both return ``hu``: the patch as stored, a contiguous int16 HU tensor (1, pd, ph, pw). Copying
+Items are ``hu``: the patch as stored, a contiguous int16 HU tensor (1, pd, ph, pw). Copying
 it out of the memory map is the whole cost of an item (the raw-read rate); the HU window and
 the float conversion (:func:`~ctpa_vq.intensity.hu_to_unit`) happen on the GPU inside the
 training step, on half the bytes a float32 batch would move. Volumes smaller than the training
@@ -33,7 +29,6 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from ..patching import PatchGrid
 
 Shape3 = tuple[int, int, int]
 
@@ -193,46 +188,6 @@ class RandomPatchDataset(torch.utils.data.Dataset):
             "hu": torch.from_numpy(np.array(patch))[None],  # one copy out of the memory map
             "patient_id": self.volumes.patient_ids[volume_index],
             "index": index,
-            "volume_index": volume_index,
-            "origin": torch.tensor(origin, dtype=torch.long),
-        }
-
-
-class GridPatchDataset(torch.utils.data.Dataset):
-    """Every patch of the stitcher's grid over every volume, in a fixed order (evaluation).
-
-    Args:
-        volumes: the split to read.
-        patch_size: (pd, ph, pw) voxels.
-        overlap: per-axis overlap, as for :class:`~ctpa_vq.patching.PatchGrid`.
-        align: per-axis alignment, as for :class:`~ctpa_vq.patching.PatchGrid`.
-    """
-
-    def __init__(
-        self,
-        volumes: VolumeStore,
-        patch_size: Sequence[int] = (128, 256, 256),
-        overlap: float | int | Sequence[float | int] = 0.25,
-        align: int | Sequence[int] = 1,
-    ) -> None:
-        self.volumes = volumes
-        self.patch_size: Shape3 = tuple(int(p) for p in patch_size)
-        self.grids = [PatchGrid(shape, self.patch_size, overlap, align) for shape in volumes.shapes]
-        self._items = [(v, origin) for v, grid in enumerate(self.grids) for origin in grid.origins]
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def __getitem__(self, index: int) -> dict:
-        volume_index, origin = self._items[index]
-        volume = self.volumes.volume(volume_index)
-        patch = volume[_slices(origin, self.patch_size)]
-        missing = [p - s for p, s in zip(self.patch_size, patch.shape)]
-        if any(missing):  # the grid's padded edge: replicate, as the stitcher does
-            patch = np.pad(patch, [(0, m) for m in missing], mode="edge")
-        return {
-            "hu": torch.from_numpy(np.array(patch))[None],  # one copy out of the memory map
-            "patient_id": self.volumes.patient_ids[volume_index],
             "volume_index": volume_index,
             "origin": torch.tensor(origin, dtype=torch.long),
         }

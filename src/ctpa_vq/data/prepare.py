@@ -32,6 +32,7 @@ import datasets
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..atomic import replace_folder
 from ..privacy import PseudonymKey
 from .nifti import CTFileError
 from .resample import resample, resampled_affine
@@ -176,9 +177,7 @@ def prepare_dataset(
             raise ValueError(f"{input_dir}: none of the {len(report.skipped)} volume(s) is usable:\n"
                              + "\n".join(reason for _, reason in report.skipped))
         datasets.DatasetDict(splits).save_to_disk(str(work_dir / "dataset"))
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        os.replace(work_dir / "dataset", output_dir)
+        replace_folder(work_dir / "dataset", output_dir)
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
         if not progress and not was_disabled:

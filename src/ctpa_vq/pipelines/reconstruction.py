@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,23 @@ class CTPAReconstructionOutput(BaseOutput):
     indices: torch.Tensor | None = None
 
 
+def _inference(method):
+    """Run a pipeline method under `torch.inference_mode` with the model in eval mode (the EMA
+    codebook frozen), and give the caller's train/eval mode back afterwards."""
+
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        was_training = self.vqgan.training
+        self.vqgan.eval()
+        try:
+            with torch.inference_mode():
+                return method(self, *args, **kwargs)
+        finally:
+            self.vqgan.train(was_training)
+
+    return run
+
+
 class CTPAReconstructionPipeline(DiffusionPipeline):
     r"""Reconstruct whole CT volumes with a `VQGAN3D` from overlapping, blended patches.
 
@@ -78,7 +96,6 @@ class CTPAReconstructionPipeline(DiffusionPipeline):
     def __init__(self, vqgan: VQGAN3D):
         super().__init__()
         self.register_modules(vqgan=vqgan)
-        vqgan.eval()
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "CTPAReconstructionPipeline":
@@ -174,7 +191,7 @@ class CTPAReconstructionPipeline(DiffusionPipeline):
 
     # ----------------------------------------------------------------------------- the three stages
 
-    @torch.inference_mode()
+    @_inference
     def encode_volume(
         self,
         volume: VolumeInput,
@@ -236,7 +253,7 @@ class CTPAReconstructionPipeline(DiffusionPipeline):
             )
         return latents[None]
 
-    @torch.inference_mode()
+    @_inference
     def quantize_latents(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Latent grid `(1, C, d, h, w)` -> `(z_q (1, C, d, h, w) float32, indices (1, d, h, w))` on the CPU.
 
@@ -256,7 +273,7 @@ class CTPAReconstructionPipeline(DiffusionPipeline):
             indices[start : start + chunk] = idx.reshape(-1).cpu()
         return z_q.reshape(1, channels, *spatial), indices.reshape(1, *spatial)
 
-    @torch.inference_mode()
+    @_inference
     def decode_latents(
         self,
         latents: torch.Tensor,
@@ -318,7 +335,7 @@ class CTPAReconstructionPipeline(DiffusionPipeline):
         hu = self._to_hu(unit[0])
         return hu.numpy() if output_type == "np" else hu
 
-    @torch.inference_mode()
+    @_inference
     def __call__(
         self,
         volume: VolumeInput,

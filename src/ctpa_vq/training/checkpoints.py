@@ -22,7 +22,7 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
-from ..atomic import fsync_dir, fsync_tree
+from ..atomic import fsync_dir, replace_folder
 
 _NAME = re.compile(r"^step-(\d{8})$")
 SLEEP_IN_SAVE_ENV = "CTPA_VQ_TEST_SLEEP_IN_SAVE"
@@ -64,10 +64,8 @@ def save_checkpoint(
     accelerator.save_state(str(partial), safe_serialization=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        fsync_tree(partial)
         _sleep_for_tests(step)
-        shutil.rmtree(final, ignore_errors=True)
-        partial.rename(final)
+        replace_folder(partial, final)
         keep_also = protected.resolve() if protected is not None else None
         for old in checkpoint_dirs(root)[:-keep]:
             if old.resolve() != keep_also:

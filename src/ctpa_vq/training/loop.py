@@ -25,7 +25,8 @@ from .metrics_log import MetricsLogger
 from .nonfinite import NonFiniteLossError
 from .setup import TrainingParts, build_training, resume_training
 from .steps import model_input, train_micro_batch
-from .validation import export_model, validate
+from .export import export_model
+from .validation import validate
 
 __all__ = ["NonFiniteLossError", "TrainResult", "train"]
 

@@ -40,7 +40,8 @@ from ..intensity import hu_to_unit
 from ..models import VQGAN3D
 from .adversarial import Discriminators
 from .config import TrainConfig
-from .losses import PerceptualLoss2D, random_slices
+from .losses import random_slices
+from .perceptual import PerceptualLoss2D
 
 GIB = 2**30
 

@@ -21,7 +21,7 @@ from ..models import VQGAN3D
 from .adversarial import Discriminators
 from .checkpoints import resolve_checkpoint
 from .config import TrainConfig, TrainingConfig
-from .losses import PerceptualLoss2D, build_perceptual_loss
+from .perceptual import PerceptualLoss2D, build_perceptual_loss
 from .nonfinite import NonFiniteGuard
 from .sampler import EpochShuffleSampler
 from .schedules import critic_lr_factor, lr_factor

@@ -1,8 +1,7 @@
-"""Validation on whole volumes (patch-wise, through the real pipeline) and model export."""
+"""Validation on whole volumes (patch-wise, through the real pipeline), shared out across processes."""
 
 from __future__ import annotations
 
-import shutil
 import warnings
 from pathlib import Path
 
@@ -11,7 +10,6 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
-from ..atomic import fsync_dir, fsync_tree
 from ..data.patch_dataset import VolumeStore
 from ..evaluation import VolumeScore, score_volume
 from ..models import VQGAN3D
@@ -35,7 +33,7 @@ def validate(
     process returns the same figures as one process scoring them all. Process 0 writes
     mid-slices (input | reconstruction | error) of volume 0 to `sample_dir/step-XXXXXXXX.png`.
     """
-    pipeline = CTPAReconstructionPipeline(vqgan=model)  # puts the model in eval mode
+    pipeline = CTPAReconstructionPipeline(vqgan=model)  # runs the model in eval mode, then gives train mode back
     pipeline.set_progress_bar_config(disable=True)
     limit = min(config.training.val_max_volumes or len(volumes), len(volumes))
     scores = []
@@ -67,21 +65,3 @@ def validate(
         warnings.simplefilter("ignore", RuntimeWarning)  # a region absent from every volume stays NaN
         means = {f"val_{key}": float(np.nanmean([getattr(s, key) for s in scores])) for key in SCORE_FIELDS}
     return {**means, "val_perplexity": perplexity, "val_codebook_usage": float((counts > 0).double().mean())}
-
-
-def export_model(model: VQGAN3D, target: Path, run_dir: Path) -> None:
-    """Save the pipeline (model under `vqgan/`) plus the recipe and metrics; replace `target` atomically."""
-    partial = target.with_name(f".partial-{target.name}")
-    shutil.rmtree(partial, ignore_errors=True)
-    CTPAReconstructionPipeline(vqgan=model).save_pretrained(partial)
-    for name in ("config.yaml", "metrics.csv"):
-        if (run_dir / name).exists():
-            shutil.copy2(run_dir / name, partial / name)
-    previous = target.with_name(f".previous-{target.name}")
-    shutil.rmtree(previous, ignore_errors=True)
-    if target.exists():
-        target.rename(previous)
-    fsync_tree(partial)
-    partial.rename(target)
-    shutil.rmtree(previous, ignore_errors=True)
-    fsync_dir(target.parent)
