@@ -7,10 +7,9 @@ two non-contrast chest CTs with lung tumours. On first use the sdist is fetched 
 else ``$XDG_CACHE_HOME/ctpa-vq``, else ``~/.cache/ctpa-vq``), checked against its SHA-256,
 and the two images are extracted next to it. Nothing from it is committed.
 
-The NRRD files are read with pynrrd (the ``bench`` extra) and brought to the project's
-canonical layout, ``(D, H, W) = (Z, Y, X)`` in RAS, by the same code that reads NIfTI
-(:func:`ctpa_vq.data.nifti.ct_from_image`), so a volume here and the same scan read from a
-NIfTI file are voxel for voxel the same array.
+The NRRD files are read by the package's own reader (:func:`ctpa_vq.data.volume_io.load_volume`,
+SimpleITK) and so come in the project's canonical layout, ``(D, H, W) = (Z, Y, X)`` in RAS,
+exactly as `ctpa-vq prepare` / `reconstruct` would read them.
 
     from real_ct import load_real_ct, REAL_CT_NAMES      # with benchmarks/ on sys.path
     lung1 = load_real_ct("lung1")                          # a CTVolume; lung1.hu is int16 (48, 512, 512)
@@ -28,17 +27,15 @@ import sys
 import tarfile
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
 
-from ctpa_vq.data.nifti import CTVolume, ct_from_image, save_ct_like
+from ctpa_vq.data.nifti import CTVolume, save_ct_like
+from ctpa_vq.data.volume_io import load_volume
 
 SDIST = "pyradiomics-bhklab==3.1.4"
 SDIST_FILE = "pyradiomics_bhklab-3.1.4.tar.gz"
 SDIST_SHA256 = "a44a087efc4ede91b5dfa5cf0de58ea3596bfaec1ef2484f278504b0a8fd5ffb"
 REAL_CT_NAMES = ("lung1", "lung2")
 _MEMBER = "pyradiomics_bhklab-3.1.4/data/{name}_image.nrrd"
-_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
 class RealCTUnavailable(RuntimeError):
@@ -101,29 +98,9 @@ def real_ct_path(name: str) -> Path:
     return path
 
 
-def read_nrrd_ct(path: str | os.PathLike, name: str | None = None) -> CTVolume:
-    """A 3D scalar CT NRRD in LPS space -> canonical :class:`CTVolume` (``hu`` ``(D, H, W)``)."""
-    try:
-        import nrrd
-    except ImportError as err:  # the bench extra
-        raise ImportError("reading NRRD needs pynrrd: pip install 'ctpa-vq[bench]' (or pip install pynrrd)") from err
-    path = Path(path)
-    data, header = nrrd.read(str(path))
-    if data.ndim != 3:
-        raise ValueError(f"{path}: expected a 3D scalar NRRD, got shape {data.shape}")
-    space = header.get("space", "left-posterior-superior")
-    if space not in ("left-posterior-superior", "LPS"):
-        raise ValueError(f"{path}: NRRD space {space!r}; only left-posterior-superior is supported")
-    affine_lps = np.eye(4)
-    affine_lps[:3, :3] = np.asarray(header["space directions"], dtype=np.float64).T  # rows are axis vectors
-    affine_lps[:3, 3] = np.asarray(header.get("space origin", np.zeros(3)), dtype=np.float64)
-    image = nib.Nifti1Image(data, _LPS_TO_RAS @ affine_lps)
-    return ct_from_image(image, name or str(path))
-
-
 def load_real_ct(name: str) -> CTVolume:
     """``"lung1"`` or ``"lung2"`` as a canonical :class:`CTVolume` (int16 HU), fetched on first use."""
-    return read_nrrd_ct(real_ct_path(name), name)
+    return load_volume(real_ct_path(name))
 
 
 def real_ct_nifti_folder() -> Path:
