@@ -10,19 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from ctpa_vq import VQGAN3D
 from ctpa_vq.cli import main
 from ctpa_vq.data.phantom import write_phantom_nifti
 
 FAST = ["--patch", "8", "16", "16", "--batch-size", "8", "--no-progress"]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model")
-    VQGAN3D.from_preset("tiny").save_pretrained(path)
-    return path
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ import csv
 import datasets
 import nibabel as nib
 import numpy as np
-import pytest
 import SimpleITK as sitk
 import torch
 
@@ -23,14 +22,6 @@ from dicom_series import PATIENT_ID, PATIENT_NAME, expected_affine, make_undecod
 
 FAST = ["--patch", "8", "16", "16", "--batch-size", "8", "--no-progress"]
 TAG_VALUES = (PATIENT_NAME.encode(), PATIENT_ID.encode(), b"Elsewhere", b"19500101")  # in every test slice
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model")
-    VQGAN3D.from_preset("tiny").save_pretrained(path)
-    return path
 
 
 def _nrrd(path, data_zyx, spacing=(0.8, 0.6, 2.0), origin=(10.0, -20.0, 30.0)):

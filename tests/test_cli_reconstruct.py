@@ -9,10 +9,8 @@ import sys
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from ctpa_vq import VQGAN3D
 from ctpa_vq.cli import main
 from ctpa_vq.data.nifti import load_ct
 from ctpa_vq.pipelines import load_reconstruction_pipeline
@@ -22,14 +20,6 @@ NON_CANONICAL_AFFINE = np.array(
     [[0.0, 0.0, -0.8, 40.0], [-0.7, 0.0, 0.0, 30.0], [0.0, 2.5, 0.0, -60.0], [0.0, 0.0, 0.0, 1.0]]
 )
 FAST = ["--patch", "8", "16", "16", "--batch-size", "8", "--no-progress"]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model")
-    VQGAN3D.from_preset("tiny").save_pretrained(path)
-    return path
 
 
 def _write(path, data, affine=NON_CANONICAL_AFFINE):
