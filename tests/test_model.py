@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -239,3 +240,20 @@ def test_fsq_trains_through_the_loop(tmp_path):
     assert len(l1) == 3 and l1[-1] < l1[0]
     loaded = VQGAN3D.from_pretrained(result.final_dir / "vqgan")
     assert loaded.config.quantizer_type == "fsq" and loaded.config.vq_embed_dim == 4
+
+
+def test_a_model_saved_with_the_old_absolute_threshold_still_loads(tmp_path, caplog):
+    """Configs written before the threshold became a share of the mean count hold 1.0."""
+    torch.manual_seed(0)
+    model = VQGAN3D.from_preset("tiny").eval()
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["dead_code_threshold"] = 1.0
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with caplog.at_level(logging.WARNING):
+        loaded = VQGAN3D.from_pretrained(tmp_path).eval()
+    assert loaded.quantizer.dead_code_threshold == 0.05
+    assert "dead_code_threshold" in caplog.text
+    x = torch.rand(1, 1, 8, 16, 16) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).sample, model(x).sample, rtol=0, atol=0)

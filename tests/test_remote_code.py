@@ -52,7 +52,7 @@ def test_bundles_import_nothing_of_the_package():
         imported = _imported_packages(bundle_module(entry))
         assert "ctpa_vq" not in imported and "." not in imported, entry
         assert imported <= {"__future__", "os", "zlib", "tempfile", "contextlib", "dataclasses", "pathlib", "typing",
-                            "functools", "shutil",
+                            "functools", "shutil", "logging",
                             "math", "itertools", "fractions", "numpy", "torch", "nibabel", "diffusers",
                             "huggingface_hub"}, imported
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -16,6 +17,8 @@ from diffusers.utils import BaseOutput
 from ..intensity import DEFAULT_HU_WINDOW
 from .blocks import Decoder3D, Encoder3D, stage_strides
 from .quantizer import EMAVectorQuantizer, FiniteScalarQuantizer, QuantizerOutput
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_FSQ_LEVELS = (8, 5, 5, 5)
 
@@ -95,6 +98,12 @@ class VQGAN3D(ModelMixin, ConfigMixin):
         )
         self.quant_conv = nn.Conv3d(latent_channels, vq_embed_dim, 1)
         if quantizer_type == "ema":
+            if dead_code_threshold >= 1.0:  # a config saved when the threshold was an absolute count
+                logger.warning(
+                    f"dead_code_threshold={dead_code_threshold} is an absolute count from an older config; it is "
+                    "now a share in [0, 1) of the mean code count: using 0.05 (inference is unaffected)"
+                )
+                dead_code_threshold = 0.05
             self.quantizer = EMAVectorQuantizer(
                 num_vq_embeddings, vq_embed_dim, ema_decay, commitment_weight, dead_code_threshold
             )
