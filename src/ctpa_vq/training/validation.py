@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from pathlib import Path
 
@@ -48,7 +49,7 @@ def validate(
             overlap=config.training.val_overlap,
             blend=config.training.val_blend,
             batch_size=config.training.val_batch_size,
-            max_patch_voxels=config.training.val_max_patch_voxels,
+            max_patch_voxels=config.training.val_max_patch_voxels or math.prod(config.dataset.patch_size),
         )
         scores.append((index, score))
         counts += torch.bincount(result.indices.flatten().cpu(), minlength=counts.numel()).double()
