@@ -371,3 +371,21 @@ def test_validation_logs_evaluate_s_body_and_region_figures(prepared, tmp_path):
     for key in ("val_body_psnr", "val_body_ssim", "val_mae_body", "val_mae_lung", "val_mae_soft_tissue", "val_mae_bone"):
         assert np.isfinite(float(row[key])), key
     assert float(row["val_body_psnr"]) != float(row["val_psnr"]), "body PSNR must not be the whole-volume figure"
+
+
+def test_validation_plans_its_grid_within_the_training_patch(prepared, tmp_path, monkeypatch):
+    from ctpa_vq.training import validation
+
+    budgets = []
+
+    def recording(*args, **kwargs):
+        budgets.append(kwargs["max_patch_voxels"])
+        return score_volume(*args, **kwargs)
+
+    score_volume = validation.score_volume
+    monkeypatch.setattr(validation, "score_volume", recording)
+    parts = build_training(_config(prepared, tmp_path, "training.validate_every=1"), Accelerator(cpu=True))
+    parts.output_dir.mkdir(parents=True)
+    _take_step(parts, _batch(parts, 2), 0)
+    on_sync(parts, MetricWindow(), MetricsLogger(parts.accelerator, tmp_path / "metrics.csv"), 0, last_step=100)
+    assert budgets and set(budgets) == {16 * 32 * 32}, budgets  # dataset.patch_size of _config
