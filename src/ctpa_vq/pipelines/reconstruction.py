@@ -30,7 +30,6 @@ SEAM_FREE_LATENT_OVERLAP = 4
 overlap at which a trained `tiny` model's patch-wise output shows no seam (benchmarks/planner.py)."""
 ROUTES = ("per-patch", "latent-grid")
 _SLAB = 16  # slices converted HU <-> [-1, 1] at a time, to bound temporaries
-_QUANTIZE_BYTES = 1 << 28  # distance-matrix budget per quantizer call
 
 
 @dataclass
@@ -224,54 +223,41 @@ class CTPAReconstructionPipeline(DiffusionPipeline):
         """Per-patch encode -> quantise -> decode of `unit` `(1, D, H, W)`: the blended volume
         `(1, D, H, W)` and the latent grid `(1, C, d, h, w)`, both float32 on the CPU."""
         latent_stitcher = PatchStitcher(grid, latent_blend, output_scale=[1 / f for f in self.factor])
-        with self.progress_bar(total=len(grid)) as bar:
-            bar.set_description("reconstruct patches")
-            unit, latents = PatchStitcher(grid, blend)(
-                self._forward,
-                unit,
+        unit, latents = self._stitch(
+            PatchStitcher(grid, blend), self._forward, unit, "reconstruct patches", batch_size, side=latent_stitcher
+        )
+        return unit, latents[None]
+
+    def _stitch(self, stitcher: PatchStitcher, fn, volume: torch.Tensor, description: str, batch_size: int, **kwargs):
+        """Run `fn` over `stitcher`'s patches of `volume` on the model's device and dtype, stitched
+        on the CPU, with a progress bar."""
+        with self.progress_bar(total=len(stitcher.grid)) as bar:
+            bar.set_description(description)
+            return stitcher(
+                fn,
+                volume,
                 batch_size=batch_size,
                 device=self.vqgan.device,
                 dtype=self.vqgan.dtype,
                 out_device="cpu",
                 progress=bar,
-                side=latent_stitcher,
+                **kwargs,
             )
-        return unit, latents[None]
 
     def _encode_unit(self, unit: torch.Tensor, grid: PatchGrid, blend: StitchMode, batch_size: int) -> torch.Tensor:
         stitcher = PatchStitcher(grid, blend, output_scale=[1 / f for f in self.factor])
-        with self.progress_bar(total=len(grid)) as bar:
-            bar.set_description("encode patches")
-            latents = stitcher(
-                self.vqgan.encode,
-                unit,
-                batch_size=batch_size,
-                device=self.vqgan.device,
-                dtype=self.vqgan.dtype,
-                out_device="cpu",
-                progress=bar,
-            )
-        return latents[None]
+        return self._stitch(stitcher, self.vqgan.encode, unit, "encode patches", batch_size)[None]
 
     @_inference
     def quantize_latents(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Latent grid `(1, C, d, h, w)` -> `(z_q (1, C, d, h, w) float32, indices (1, d, h, w))` on the CPU.
 
-        Quantisation is per latent vector, so it runs on chunks of vectors sized to keep the
-        nearest-code distance matrix under 256 MiB, whatever the grid size.
+        The quantizer searches nearest codes in chunks of latent vectors itself (bounded memory
+        whatever the grid size), so the whole grid goes in one call.
         """
         _check_latents(latents, self.vqgan.config.vq_embed_dim)
-        channels, spatial = latents.shape[1], latents.shape[2:]
-        vectors = latents[0].reshape(channels, -1)
-        chunk = max(1, _QUANTIZE_BYTES // (4 * int(self.vqgan.quantizer.num_codes)))
-        z_q = torch.empty_like(vectors, dtype=torch.float32, device="cpu")
-        indices = torch.empty(vectors.shape[1], dtype=torch.long)
-        for start in range(0, vectors.shape[1], chunk):
-            piece = vectors[:, start : start + chunk].to(self.vqgan.device, torch.float32)
-            codes, idx, _ = self.vqgan.quantize(piece.reshape(1, channels, -1, 1, 1))
-            z_q[:, start : start + chunk] = codes.reshape(channels, -1).float().cpu()
-            indices[start : start + chunk] = idx.reshape(-1).cpu()
-        return z_q.reshape(1, channels, *spatial), indices.reshape(1, *spatial)
+        z_q, indices, _ = self.vqgan.quantize(latents.to(self.vqgan.device, torch.float32))
+        return z_q.float().cpu(), indices.cpu()
 
     @_inference
     def decode_latents(
@@ -321,17 +307,7 @@ class CTPAReconstructionPipeline(DiffusionPipeline):
             if any(not (n * f - f < v <= n * f) for v, n, f in zip(volume_shape, latent_shape, self.factor)):
                 raise ValueError(f"volume shape {volume_shape} does not fit latents of shape {latent_shape}")
         stitcher = PatchStitcher(grid, blend, output_scale=self.factor, output_shape=volume_shape)
-        with self.progress_bar(total=len(grid)) as bar:
-            bar.set_description("decode patches")
-            unit = stitcher(
-                self.vqgan.decode,
-                latents[0],
-                batch_size=batch_size,
-                device=self.vqgan.device,
-                dtype=self.vqgan.dtype,
-                out_device="cpu",
-                progress=bar,
-            )
+        unit = self._stitch(stitcher, self.vqgan.decode, latents[0], "decode patches", batch_size)
         hu = self._to_hu(unit[0])
         return hu.numpy() if output_type == "np" else hu
 
