@@ -36,9 +36,9 @@ SMALL = [
     "model.warmup_steps=2",
     "gan.start_step=2",
     "gan.image_gan_weight=1.0",
-    "gan.video_gan_weight=0.5",
-    "gan.channels=8",
-    "gan.layers=2",
+    "gan.volume_gan_weight=0.5",
+    "gan.base_channels=8",
+    "gan.n_layers=2",
     "training.batch_size=2",
     "training.max_steps=6",
     "training.checkpoint_every=3",
@@ -221,6 +221,19 @@ def test_config_overrides_are_typed_and_checked(tmp_path):
         load_config(DEMO, ["model.lr=fast"])
     with pytest.raises(FileNotFoundError, match="missing.yaml"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_renamed_recipe_keys_are_errors_naming_the_new_key(tmp_path):
+    """A recipe written before the renames (e.g. the config.yaml of an older run) fails before training."""
+    old_run = tmp_path / "config.yaml"
+    old_run.write_text("gan:\n  video_gan_weight: 0.5\n  channels: 8\n")
+    with pytest.raises(ValueError, match=r"config.yaml: .*gan.video_gan_weight is now gan.volume_gan_weight.*"
+                                         r"gan.channels is now gan.base_channels"):
+        load_config(old_run)
+    with pytest.raises(ValueError, match=r"overrides: .*gan.layers is now gan.n_layers"):
+        load_config(DEMO, ["gan.layers=2"])
+    renamed = load_config(DEMO, ["gan.volume_gan_weight=0.5", "gan.base_channels=8", "gan.n_layers=2"])
+    assert (renamed.gan.volume_gan_weight, renamed.gan.base_channels, renamed.gan.n_layers) == (0.5, 8, 2)
 
 
 def test_recipes_parse():

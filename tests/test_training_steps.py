@@ -47,7 +47,7 @@ def fresh_accelerate_state():
 def _config(prepared: Path, tmp_path: Path, *overrides: str):
     return load_config(DEMO, [
         f"dataset.path={prepared}", "dataset.patch_size=[16,32,32]", "dataset.patches_per_volume=2",
-        "model.warmup_steps=2", "gan.channels=8", "gan.layers=2", "gan.slices_per_volume=2",
+        "model.warmup_steps=2", "gan.base_channels=8", "gan.n_layers=2", "gan.slices_per_volume=2",
         "training.batch_size=2", "training.max_steps=20", f"training.output_dir={tmp_path / 'run'}", *overrides,
     ])  # fmt: skip
 
@@ -163,7 +163,7 @@ def test_gan_stage_and_perceptual_loss_switch_on_at_start_step(prepared, tmp_pat
     torch.manual_seed(0)
     save_file({k: v for k, v in PerceptualLoss2D().state_dict().items() if k.startswith("features.")}, weights)
     config = _config(
-        prepared, tmp_path, "gan.start_step=2", "gan.image_gan_weight=1.0", "gan.video_gan_weight=0.5",
+        prepared, tmp_path, "gan.start_step=2", "gan.image_gan_weight=1.0", "gan.volume_gan_weight=0.5",
         "gan.perceptual_weight=0.1", f"gan.perceptual_weights={weights}", "gan.warmup_steps=1",
     )  # fmt: skip
     parts = build_training(config, Accelerator(cpu=True))
@@ -260,7 +260,7 @@ def _record_host_syncs(monkeypatch) -> list[str]:
 
 def _steps_between_logs(prepared, tmp_path, monkeypatch) -> list[str]:
     config = _config(
-        prepared, tmp_path, "gan.start_step=1", "gan.image_gan_weight=1.0", "gan.video_gan_weight=0.5",
+        prepared, tmp_path, "gan.start_step=1", "gan.image_gan_weight=1.0", "gan.volume_gan_weight=0.5",
         "training.log_every=100", "training.validate_every=100", "training.checkpoint_every=100",
     )  # fmt: skip
     parts = build_training(config, Accelerator(cpu=True))

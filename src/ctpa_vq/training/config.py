@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 
 @dataclass
@@ -36,13 +36,13 @@ class GANConfig:
 
     start_step: int = 10_000
     image_gan_weight: float = 0.0  # 2D PatchGAN on random axial slices
-    video_gan_weight: float = 0.0  # 3D PatchGAN on the whole patch
+    volume_gan_weight: float = 0.0  # 3D PatchGAN on the whole patch
     feature_matching_weight: float = 4.0
     perceptual_weight: float = 0.0
     perceptual_weights: Optional[str] = None  # local .safetensors / dir, or a Hub repo id
     slices_per_volume: int = 4
-    channels: int = 64
-    layers: int = 3
+    base_channels: int = 64  # both critics: PatchDiscriminator's width and depth
+    n_layers: int = 3
     # The critics' own optimiser (AdamW) and schedule: LR 0 before `start_step`, then a linear
     # warm-up over `warmup_steps` and a cosine decay to lr * min_lr_ratio at training.max_steps.
     lr: float = 3e-4
@@ -53,7 +53,7 @@ class GANConfig:
 
     @property
     def uses_discriminator(self) -> bool:
-        return self.image_gan_weight > 0 or self.video_gan_weight > 0
+        return self.image_gan_weight > 0 or self.volume_gan_weight > 0
 
 
 @dataclass
@@ -127,14 +127,38 @@ class TrainConfig:
     hub: HubConfig = field(default_factory=HubConfig)
 
 
+# Keys of older recipes and where each one went: a recipe (or override) with one is an error
+# naming the new key, rather than a silent second spelling.
+RENAMED_KEYS = {
+    "gan.video_gan_weight": "gan.volume_gan_weight",
+    "gan.channels": "gan.base_channels",
+    "gan.layers": "gan.n_layers",
+}
+_ABSENT = object()
+
+
+def _reject_renamed_keys(recipe: Any, source: str) -> None:
+    """Raise, naming `source` and every renamed key it holds with its new name."""
+    if not isinstance(recipe, DictConfig):
+        return
+    found = [f"{old} is now {new}" for old, new in RENAMED_KEYS.items()
+             if OmegaConf.select(recipe, old, default=_ABSENT) is not _ABSENT]  # fmt: skip
+    if found:
+        raise ValueError(f"{source}: recipe keys were renamed: {'; '.join(found)}")
+
+
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
     """Defaults <- YAML file <- `key.sub=value` overrides, type-checked into a `TrainConfig`."""
     merged = OmegaConf.structured(TrainConfig)
     if path is not None:
         if not Path(path).is_file():
             raise FileNotFoundError(f"{path}: config file not found")
-        merged = OmegaConf.merge(merged, OmegaConf.load(path))
-    merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        recipe = OmegaConf.load(path)
+        _reject_renamed_keys(recipe, str(path))
+        merged = OmegaConf.merge(merged, recipe)
+    dotted = OmegaConf.from_dotlist(list(overrides))
+    _reject_renamed_keys(dotted, "command-line overrides")
+    merged = OmegaConf.merge(merged, dotted)
     return OmegaConf.to_object(merged)
 
 

@@ -152,7 +152,7 @@ class _StepParts:
         with torch.device("meta"):
             parts = cls(VQGAN3D.from_preset(config.model.preset, **config.model.overrides))
             if gan_stage and gan.uses_discriminator:
-                parts.critics = Discriminators(gan.image_gan_weight, gan.video_gan_weight, gan.channels, gan.layers)
+                parts.critics = Discriminators.from_gan_config(gan)
             if gan_stage and gan.perceptual_weight > 0:
                 parts.perceptual = PerceptualLoss2D()
         if config.model.gradient_checkpointing:

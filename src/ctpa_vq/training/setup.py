@@ -153,7 +153,7 @@ def build_training(config: TrainConfig, accelerator: Accelerator | None = None) 
     model, opt_g, loader = accelerator.prepare(model, opt_g, loader)
     discriminators = opt_d = sched_d = None
     if gan.uses_discriminator:
-        discriminators = Discriminators(gan.image_gan_weight, gan.video_gan_weight, gan.channels, gan.layers)
+        discriminators = Discriminators.from_gan_config(gan)
         opt_d = torch.optim.AdamW(
             discriminators.parameters(), lr=gan.lr, betas=gan.betas, weight_decay=gan.weight_decay, fused=True
         )
