@@ -47,7 +47,7 @@ def fresh_accelerate_state():
 def _config(prepared: Path, tmp_path: Path, *overrides: str):
     return load_config(DEMO, [
         f"dataset.path={prepared}", "dataset.patch_size=[16,32,32]", "dataset.patches_per_volume=2",
-        "model.warmup_steps=2", "gan.base_channels=8", "gan.n_layers=2", "gan.slices_per_volume=2",
+        "optimizer.warmup_steps=2", "gan.base_channels=8", "gan.n_layers=2", "gan.slices_per_volume=2",
         "training.batch_size=2", "training.max_steps=20", f"training.output_dir={tmp_path / 'run'}", *overrides,
     ])  # fmt: skip
 
@@ -130,7 +130,7 @@ def _grads_at_step(parts, micro_batches: list[torch.Tensor]) -> dict[str, torch.
 def test_k_micro_batches_accumulate_to_one_batch_of_k(prepared, tmp_path):
     # A fixed codebook so both runs quantise against the same codes: initialised from the data
     # once, then the quantizer alone is put in eval mode (no EMA update, no restarts).
-    frozen = ["model.grad_clip=0"]
+    frozen = ["optimizer.grad_clip=0"]
     big = build_training(_config(prepared, tmp_path, *frozen), Accelerator(cpu=True))
     x = _batch(big, 4)
     with torch.no_grad():
@@ -164,7 +164,7 @@ def test_gan_stage_and_perceptual_loss_switch_on_at_start_step(prepared, tmp_pat
     save_file({k: v for k, v in PerceptualLoss2D().state_dict().items() if k.startswith("features.")}, weights)
     config = _config(
         prepared, tmp_path, "gan.start_step=2", "gan.image_gan_weight=1.0", "gan.volume_gan_weight=0.5",
-        "gan.perceptual_weight=0.1", f"gan.perceptual_weights={weights}", "gan.warmup_steps=1",
+        "gan.perceptual_weight=0.1", f"gan.perceptual_weights={weights}", "critic_optimizer.warmup_steps=1",
     )  # fmt: skip
     parts = build_training(config, Accelerator(cpu=True))
     critics = _params(parts.critics)
@@ -191,8 +191,9 @@ def test_gan_stage_and_perceptual_loss_switch_on_at_start_step(prepared, tmp_pat
 
 def test_critics_have_their_own_optimizer_and_warm_up_from_start_step(prepared, tmp_path):
     config = _config(
-        prepared, tmp_path, "gan.start_step=5", "gan.image_gan_weight=1.0", "gan.lr=1e-3", "gan.warmup_steps=4",
-        "gan.betas=[0.0,0.99]", "gan.weight_decay=0.01", "model.lr=2e-3", "model.warmup_steps=2",
+        prepared, tmp_path, "gan.start_step=5", "gan.image_gan_weight=1.0", "critic_optimizer.lr=1e-3",
+        "critic_optimizer.warmup_steps=4", "critic_optimizer.betas=[0.0,0.99]", "critic_optimizer.weight_decay=0.01",
+        "optimizer.lr=2e-3", "optimizer.warmup_steps=2",
     )  # fmt: skip
     parts = build_training(config, Accelerator(cpu=True))
     group = parts.opt_d.optimizer.param_groups[0]

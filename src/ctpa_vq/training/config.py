@@ -1,7 +1,7 @@
 """The training recipe as typed dataclasses, read from YAML plus dotted command-line overrides.
 
 OmegaConf does the parsing and type checking: `load_config("configs/demo.yaml",
-["model.lr=1e-4", "dataset.max_patients=null"])` returns a `TrainConfig` whose fields have
+["optimizer.lr=1e-4", "dataset.max_patients=null"])` returns a `TrainConfig` whose fields have
 the declared types, and an unknown key or a wrong type is an error naming the key.
 """
 
@@ -16,23 +16,32 @@ from omegaconf import DictConfig, OmegaConf
 
 @dataclass
 class ModelConfig:
-    """The generator and its optimiser."""
+    """The generator and its reconstruction loss."""
 
     preset: str = "tiny"
     overrides: dict[str, Any] = field(default_factory=dict)  # any VQGAN3D config field
     gradient_checkpointing: bool = False
-    lr: float = 3e-4
-    betas: tuple[float, float] = (0.5, 0.9)
-    weight_decay: float = 0.0
-    warmup_steps: int = 50
-    min_lr_ratio: float = 0.1  # cosine decay to lr * min_lr_ratio at training.max_steps
-    grad_clip: float = 1.0
     l1_weight: float = 4.0
 
 
 @dataclass
+class OptimizerConfig:
+    """One AdamW and its schedule: a linear warm-up over `warmup_steps`, then a cosine decay to
+    lr * min_lr_ratio at training.max_steps (the critics' starts at gan.start_step, LR 0 before)."""
+
+    lr: float = 3e-4
+    betas: tuple[float, float] = (0.5, 0.9)
+    weight_decay: float = 0.0
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0  # the global gradient norm is clipped to this; 0 = no clipping
+
+
+@dataclass
 class GANConfig:
-    """The staged adversarial part: off until `start_step`, then the weights below apply."""
+    """The staged adversarial part: off until `start_step`, then the weights below apply.
+
+    The critics' optimiser is the recipe's `critic_optimizer`."""
 
     start_step: int = 10_000
     image_gan_weight: float = 0.0  # 2D PatchGAN on random axial slices
@@ -43,13 +52,6 @@ class GANConfig:
     slices_per_volume: int = 4
     base_channels: int = 64  # both critics: PatchDiscriminator's width and depth
     n_layers: int = 3
-    # The critics' own optimiser (AdamW) and schedule: LR 0 before `start_step`, then a linear
-    # warm-up over `warmup_steps` and a cosine decay to lr * min_lr_ratio at training.max_steps.
-    lr: float = 3e-4
-    betas: tuple[float, float] = (0.5, 0.9)
-    weight_decay: float = 0.0
-    warmup_steps: int = 500
-    min_lr_ratio: float = 0.1
 
     @property
     def uses_discriminator(self) -> bool:
@@ -121,7 +123,9 @@ class HubConfig:
 @dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)  # the generator's
     gan: GANConfig = field(default_factory=GANConfig)
+    critic_optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(warmup_steps=500))
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     hub: HubConfig = field(default_factory=HubConfig)
@@ -133,6 +137,9 @@ RENAMED_KEYS = {
     "gan.video_gan_weight": "gan.volume_gan_weight",
     "gan.channels": "gan.base_channels",
     "gan.layers": "gan.n_layers",
+    **{f"model.{name}": f"optimizer.{name}"
+       for name in ("lr", "betas", "weight_decay", "warmup_steps", "min_lr_ratio", "grad_clip")},
+    **{f"gan.{name}": f"critic_optimizer.{name}" for name in ("lr", "betas", "weight_decay", "warmup_steps", "min_lr_ratio")},
 }
 _ABSENT = object()
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
-from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +41,7 @@ from .adversarial import Discriminators
 from .config import TrainConfig
 from .losses import random_slices
 from .perceptual import PerceptualLoss2D
+from .schedules import adamw
 
 GIB = 2**30
 
@@ -164,10 +164,9 @@ class _StepParts:
         for module in self.modules:
             module.to_empty(device="cpu")
         # foreach=True: what AdamW picks by default for CUDA tensors (its temporaries count).
-        adamw = partial(torch.optim.AdamW, betas=config.model.betas, foreach=True)
-        self.opt_g = adamw(self.model.parameters(), lr=config.model.lr)
+        self.opt_g = adamw(self.model.parameters(), config.optimizer, foreach=True)
         if self.critics is not None:
-            self.opt_d = adamw(self.critics.parameters(), lr=config.gan.lr)
+            self.opt_d = adamw(self.critics.parameters(), config.critic_optimizer, foreach=True)
         for optimizer in self.optimizers:  # steady state: the Adam moments exist from step 2 on
             _allocate_state(optimizer)
 
@@ -214,13 +213,13 @@ def _train_step(parts: _StepParts, config: TrainConfig, autocast_dtype: torch.dt
             parts.critics.requires_grad_(True)
             loss = loss + adversarial + gan.feature_matching_weight * matching
     loss.backward()
-    _clip_and_step(parts.opt_g, model, config.model.grad_clip)
+    _clip_and_step(parts.opt_g, model, config.optimizer.grad_clip)
     del loss, out
     if parts.critics is not None:
         with autocast:
             d_loss = parts.critics(x, reconstruction.detach(), real_slices, fake_slices.detach())
         d_loss.backward()
-        _clip_and_step(parts.opt_d, parts.critics, config.model.grad_clip)
+        _clip_and_step(parts.opt_d, parts.critics, config.critic_optimizer.grad_clip)
 
 
 def _clip_and_step(optimizer: torch.optim.Optimizer, module: torch.nn.Module, grad_clip: float) -> None:

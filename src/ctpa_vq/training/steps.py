@@ -38,10 +38,9 @@ class GeneratorOutput:
     fake_slices: torch.Tensor | None  # the same slices of the reconstruction, detached
 
 
-def _grad_norm_and_clip(parts: TrainingParts, module: torch.nn.Module) -> torch.Tensor:
-    """The global gradient norm (identical on every process), clipped to `model.grad_clip` if > 0."""
-    max_norm = parts.config.model.grad_clip if parts.config.model.grad_clip > 0 else float("inf")
-    return parts.accelerator.clip_grad_norm_(module.parameters(), max_norm)
+def _grad_norm_and_clip(parts: TrainingParts, module: torch.nn.Module, grad_clip: float) -> torch.Tensor:
+    """The global gradient norm (identical on every process), clipped to `grad_clip` if > 0."""
+    return parts.accelerator.clip_grad_norm_(module.parameters(), grad_clip if grad_clip > 0 else float("inf"))
 
 
 def generator_step(
@@ -74,7 +73,7 @@ def generator_step(
     terms["loss"] = loss
     accelerator.backward(parts.guard.poison(loss, terms))
     if accelerator.sync_gradients:
-        parts.guard.gate(parts.opt_g, _grad_norm_and_clip(parts, parts.model))
+        parts.guard.gate(parts.opt_g, _grad_norm_and_clip(parts, parts.model, config.optimizer.grad_clip))
     parts.opt_g.step()
     parts.opt_g.zero_grad(set_to_none=True)
     terms = {name: value.detach() for name, value in terms.items()}
@@ -90,7 +89,7 @@ def critic_step(parts: TrainingParts, x: torch.Tensor, generated: GeneratorOutpu
         d_loss = parts.discriminators(x, generated.reconstruction, generated.real_slices, generated.fake_slices)
     accelerator.backward(parts.guard.poison(d_loss, {"d_loss": d_loss}))
     if accelerator.sync_gradients:
-        parts.guard.gate(parts.opt_d, _grad_norm_and_clip(parts, parts.discriminators))
+        parts.guard.gate(parts.opt_d, _grad_norm_and_clip(parts, parts.discriminators, parts.config.critic_optimizer.grad_clip))
     parts.opt_d.step()
     parts.opt_d.zero_grad(set_to_none=True)
     return d_loss.detach()
