@@ -1,7 +1,8 @@
 """Predicted peak GPU memory of one training step, on a machine without a GPU.
 
 One optimizer step of the recipe (generator forward/backward, AdamW step, then the critics'
-step once the GAN stage is on) runs on fake tensors: torch's ``FakeTensorMode`` gives every
+step once the GAN stage is on; the losses are training's own, `steps.generator_loss` and
+`steps.critic_loss`) runs on fake tensors: torch's ``FakeTensorMode`` gives every
 tensor a shape, dtype and device but no storage, and
 ``torch.distributed._tools.mem_tracker.MemTracker`` adds up the storages alive at each
 operation. What it counts is what ``torch.cuda.max_memory_allocated`` reports for the same
@@ -39,9 +40,9 @@ from ..intensity import hu_to_unit
 from ..models import VQGAN3D
 from .adversarial import Discriminators
 from .config import TrainConfig
-from .losses import random_slices
 from .perceptual import PerceptualLoss2D
 from .schedules import adamw
+from .steps import critic_loss, generator_loss
 
 GIB = 2**30
 
@@ -192,32 +193,19 @@ def _allocate_state(optimizer: torch.optim.Optimizer) -> None:
 
 
 def _train_step(parts: _StepParts, config: TrainConfig, autocast_dtype: torch.dtype | None) -> None:
-    """One optimizer step as the training loop takes it, on a batch of int16 HU patches."""
-    model, gan = parts.model, config.gan
+    """One optimizer step as the loop takes it (with its losses, `steps.py`), on a batch of int16 HU patches."""
     shape = (config.training.batch_size, 1, *config.dataset.patch_size)
     hu = torch.empty(shape, dtype=torch.int16)  # the batch as the data loader hands it over
-    x = hu_to_unit(hu, model.config.hu_window)
+    x = hu_to_unit(hu, parts.model.config.hu_window)
     autocast = torch.autocast("cpu", dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None)
     with autocast:
-        out = model(x)
-        reconstruction = out.sample.float()  # accelerate hands mixed-precision outputs back in fp32
-        loss = config.model.l1_weight * (reconstruction - x).abs().mean() + out.commitment_loss
-        real_slices = fake_slices = None
-        if parts.perceptual is not None or parts.critics is not None:
-            real_slices, fake_slices = random_slices(x, reconstruction, n=gan.slices_per_volume)
-        if parts.perceptual is not None:
-            loss = loss + gan.perceptual_weight * parts.perceptual(fake_slices.float(), real_slices)
-        if parts.critics is not None:
-            parts.critics.requires_grad_(False)
-            adversarial, matching = parts.critics.generator_terms(x, reconstruction, real_slices, fake_slices)
-            parts.critics.requires_grad_(True)
-            loss = loss + adversarial + gan.feature_matching_weight * matching
-    loss.backward()
-    _clip_and_step(parts.opt_g, model, config.optimizer.grad_clip)
-    del loss, out
+        generated = generator_loss(parts.model, x, config, parts.critics, parts.perceptual)
+    generated.loss.backward()
+    _clip_and_step(parts.opt_g, parts.model, config.optimizer.grad_clip)
+    generated = generated.detach()  # as `generator_step` hands it to the critics' step
     if parts.critics is not None:
         with autocast:
-            d_loss = parts.critics(x, reconstruction.detach(), real_slices, fake_slices.detach())
+            d_loss = critic_loss(parts.critics, x, generated)
         d_loss.backward()
         _clip_and_step(parts.opt_d, parts.critics, config.critic_optimizer.grad_clip)
 
