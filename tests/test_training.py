@@ -233,7 +233,8 @@ def test_renamed_recipe_keys_are_errors_naming_the_new_key(tmp_path):
     with pytest.raises(ValueError, match=r"overrides: .*gan.layers is now gan.n_layers"):
         load_config(DEMO, ["gan.layers=2"])
     # Optimizer settings left `model` and `gan` for two `OptimizerConfig` sections.
-    with pytest.raises(ValueError, match=r"model.lr is now optimizer.lr; gan.warmup_steps is now critic_optimizer.warmup_steps"):
+    with pytest.raises(ValueError, match=r"model.lr is now optimizer.lr; "
+                                         r"gan.warmup_steps is now critic_optimizer.warmup_steps"):
         load_config(DEMO, ["model.lr=1e-4", "gan.warmup_steps=10"])
     with pytest.raises(ValueError, match=r"model.grad_clip is now optimizer.grad_clip"):
         load_config(DEMO, ["model.grad_clip=0"])

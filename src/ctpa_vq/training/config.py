@@ -125,7 +125,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)  # the generator's
     gan: GANConfig = field(default_factory=GANConfig)
-    critic_optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(warmup_steps=500))
+    critic_optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(warmup_steps=500))  # the critics'
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     hub: HubConfig = field(default_factory=HubConfig)
@@ -133,13 +133,13 @@ class TrainConfig:
 
 # Keys of older recipes and where each one went: a recipe (or override) with one is an error
 # naming the new key, rather than a silent second spelling.
+_MOVED_OPTIMIZER_KEYS = ("lr", "betas", "weight_decay", "warmup_steps", "min_lr_ratio")
 RENAMED_KEYS = {
     "gan.video_gan_weight": "gan.volume_gan_weight",
     "gan.channels": "gan.base_channels",
     "gan.layers": "gan.n_layers",
-    **{f"model.{name}": f"optimizer.{name}"
-       for name in ("lr", "betas", "weight_decay", "warmup_steps", "min_lr_ratio", "grad_clip")},
-    **{f"gan.{name}": f"critic_optimizer.{name}" for name in ("lr", "betas", "weight_decay", "warmup_steps", "min_lr_ratio")},
+    **{f"model.{name}": f"optimizer.{name}" for name in (*_MOVED_OPTIMIZER_KEYS, "grad_clip")},
+    **{f"gan.{name}": f"critic_optimizer.{name}" for name in _MOVED_OPTIMIZER_KEYS},
 }
 _ABSENT = object()
 
