@@ -209,6 +209,26 @@ def test_critics_have_their_own_optimizer_and_warm_up_from_start_step(prepared, 
     assert generator_lrs[:2] == pytest.approx([1e-3, 2e-3])  # the generator's own warm-up from step 0
 
 
+def test_generator_and_critics_clip_to_their_own_grad_clip(prepared, tmp_path):
+    config = _config(
+        prepared, tmp_path, "gan.start_step=0", "gan.image_gan_weight=1.0", "optimizer.grad_clip=0.5",
+        "critic_optimizer.grad_clip=0.25",
+    )  # fmt: skip
+    parts = build_training(config, Accelerator(cpu=True))
+    generator = {id(p) for p in parts.model.parameters()}
+    clipped = []
+    clip = parts.accelerator.clip_grad_norm_
+
+    def recording_clip(parameters, max_norm, *args, **kwargs):
+        parameters = list(parameters)
+        clipped.append(("generator" if id(parameters[0]) in generator else "critics", max_norm))
+        return clip(parameters, max_norm, *args, **kwargs)
+
+    parts.accelerator.clip_grad_norm_ = recording_clip
+    _take_step(parts, _batch(parts, 2), 0)
+    assert clipped == [("generator", 0.5), ("critics", 0.25)]
+
+
 # ------------------------------------------------------------------------------ non-finite losses
 
 
