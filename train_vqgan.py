@@ -3,7 +3,7 @@
     accelerate launch --config_file accelerate_configs/4gpu.yaml train_vqgan.py \
         --config configs/ctpa_512.yaml dataset.path=/data/ctpa_prepared dataset.max_patients=null
 
-Anything after the options is a dotted override of the YAML recipe (`model.lr=1e-4`).
+Anything after the options is a dotted override of the YAML recipe (`optimizer.lr=1e-4`).
 With no --config the embedded demo runs: synthetic phantoms, tiny model, CPU, a few minutes.
 """
 
@@ -25,7 +25,7 @@ def main() -> None:
     parser.add_argument("--config", default=str(DEMO_CONFIG), help="YAML recipe (default: the CPU demo)")
     parser.add_argument("--resume", default=None,
                         help="'latest', a checkpoint directory, or hub:ORG/NAME[@REVISION] (its newest pushed checkpoint)")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.lr=1e-4")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optimizer.lr=1e-4")
     args = parser.parse_args()
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", level=logging.WARNING)
     logging.getLogger("ctpa_vq").setLevel(logging.INFO)

@@ -13,8 +13,8 @@ from ctpa_vq.training.config import load_config
 from ctpa_vq.training.memory import GIB, CudaAutocastRules, predict_step_memory, with_knob
 
 TINY = ["model.preset=tiny", "dataset.patch_size=[16,32,32]", "training.batch_size=1", "gan.start_step=0",
-        "gan.image_gan_weight=1.0", "gan.video_gan_weight=0.5", "gan.perceptual_weight=0.1", "gan.channels=8",
-        "gan.layers=2"]
+        "gan.image_gan_weight=1.0", "gan.volume_gan_weight=0.5", "gan.perceptual_weight=0.1", "gan.base_channels=8",
+        "gan.n_layers=2"]
 
 
 @pytest.fixture(scope="module")

@@ -33,12 +33,12 @@ SMALL = [
     "dataset.phantom_shape=[24,48,48]",
     "dataset.patch_size=[16,32,32]",
     "dataset.patches_per_volume=2",
-    "model.warmup_steps=2",
+    "optimizer.warmup_steps=2",
     "gan.start_step=2",
     "gan.image_gan_weight=1.0",
-    "gan.video_gan_weight=0.5",
-    "gan.channels=8",
-    "gan.layers=2",
+    "gan.volume_gan_weight=0.5",
+    "gan.base_channels=8",
+    "gan.n_layers=2",
     "training.batch_size=2",
     "training.max_steps=6",
     "training.checkpoint_every=3",
@@ -212,15 +212,36 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
 
 
 def test_config_overrides_are_typed_and_checked(tmp_path):
-    config = load_config(DEMO, ["model.lr=1e-4", "dataset.max_patients=null", "dataset.patch_size=[8,16,16]"])
-    assert config.model.lr == 1e-4 and config.dataset.max_patients is None
+    config = load_config(DEMO, ["optimizer.lr=1e-4", "dataset.max_patients=null", "dataset.patch_size=[8,16,16]"])
+    assert config.optimizer.lr == 1e-4 and config.dataset.max_patients is None
     assert config.dataset.patch_size == (8, 16, 16)
     with pytest.raises(Exception, match="lrr"):
-        load_config(DEMO, ["model.lrr=1"])
-    with pytest.raises(Exception, match="model.lr"):
-        load_config(DEMO, ["model.lr=fast"])
+        load_config(DEMO, ["optimizer.lrr=1"])
+    with pytest.raises(Exception, match="optimizer.lr"):
+        load_config(DEMO, ["optimizer.lr=fast"])
     with pytest.raises(FileNotFoundError, match="missing.yaml"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_renamed_recipe_keys_are_errors_naming_the_new_key(tmp_path):
+    """A recipe written before the renames (e.g. the config.yaml of an older run) fails before training."""
+    old_run = tmp_path / "config.yaml"
+    old_run.write_text("gan:\n  video_gan_weight: 0.5\n  channels: 8\n")
+    with pytest.raises(ValueError, match=r"config.yaml: .*gan.video_gan_weight is now gan.volume_gan_weight.*"
+                                         r"gan.channels is now gan.base_channels"):
+        load_config(old_run)
+    with pytest.raises(ValueError, match=r"overrides: .*gan.layers is now gan.n_layers"):
+        load_config(DEMO, ["gan.layers=2"])
+    # Optimizer settings left `model` and `gan` for two `OptimizerConfig` sections.
+    with pytest.raises(ValueError, match=r"model.lr is now optimizer.lr; "
+                                         r"gan.warmup_steps is now critic_optimizer.warmup_steps"):
+        load_config(DEMO, ["model.lr=1e-4", "gan.warmup_steps=10"])
+    with pytest.raises(ValueError, match=r"model.grad_clip is now optimizer.grad_clip"):
+        load_config(DEMO, ["model.grad_clip=0"])
+    renamed = load_config(DEMO, ["gan.volume_gan_weight=0.5", "gan.base_channels=8", "gan.n_layers=2"])
+    assert (renamed.gan.volume_gan_weight, renamed.gan.base_channels, renamed.gan.n_layers) == (0.5, 8, 2)
+    moved = load_config(DEMO, ["optimizer.lr=1e-4", "critic_optimizer.warmup_steps=10"])
+    assert (moved.optimizer.lr, moved.critic_optimizer.warmup_steps, moved.critic_optimizer.lr) == (1e-4, 10, 3e-4)
 
 
 def test_recipes_parse():

@@ -47,7 +47,7 @@ def fresh_accelerate_state():
 def _config(prepared: Path, tmp_path: Path, *overrides: str):
     return load_config(DEMO, [
         f"dataset.path={prepared}", "dataset.patch_size=[16,32,32]", "dataset.patches_per_volume=2",
-        "model.warmup_steps=2", "gan.channels=8", "gan.layers=2", "gan.slices_per_volume=2",
+        "optimizer.warmup_steps=2", "gan.base_channels=8", "gan.n_layers=2", "gan.slices_per_volume=2",
         "training.batch_size=2", "training.max_steps=20", f"training.output_dir={tmp_path / 'run'}", *overrides,
     ])  # fmt: skip
 
@@ -130,7 +130,7 @@ def _grads_at_step(parts, micro_batches: list[torch.Tensor]) -> dict[str, torch.
 def test_k_micro_batches_accumulate_to_one_batch_of_k(prepared, tmp_path):
     # A fixed codebook so both runs quantise against the same codes: initialised from the data
     # once, then the quantizer alone is put in eval mode (no EMA update, no restarts).
-    frozen = ["model.grad_clip=0"]
+    frozen = ["optimizer.grad_clip=0"]
     big = build_training(_config(prepared, tmp_path, *frozen), Accelerator(cpu=True))
     x = _batch(big, 4)
     with torch.no_grad():
@@ -163,8 +163,8 @@ def test_gan_stage_and_perceptual_loss_switch_on_at_start_step(prepared, tmp_pat
     torch.manual_seed(0)
     save_file({k: v for k, v in PerceptualLoss2D().state_dict().items() if k.startswith("features.")}, weights)
     config = _config(
-        prepared, tmp_path, "gan.start_step=2", "gan.image_gan_weight=1.0", "gan.video_gan_weight=0.5",
-        "gan.perceptual_weight=0.1", f"gan.perceptual_weights={weights}", "gan.warmup_steps=1",
+        prepared, tmp_path, "gan.start_step=2", "gan.image_gan_weight=1.0", "gan.volume_gan_weight=0.5",
+        "gan.perceptual_weight=0.1", f"gan.perceptual_weights={weights}", "critic_optimizer.warmup_steps=1",
     )  # fmt: skip
     parts = build_training(config, Accelerator(cpu=True))
     critics = _params(parts.critics)
@@ -191,8 +191,9 @@ def test_gan_stage_and_perceptual_loss_switch_on_at_start_step(prepared, tmp_pat
 
 def test_critics_have_their_own_optimizer_and_warm_up_from_start_step(prepared, tmp_path):
     config = _config(
-        prepared, tmp_path, "gan.start_step=5", "gan.image_gan_weight=1.0", "gan.lr=1e-3", "gan.warmup_steps=4",
-        "gan.betas=[0.0,0.99]", "gan.weight_decay=0.01", "model.lr=2e-3", "model.warmup_steps=2",
+        prepared, tmp_path, "gan.start_step=5", "gan.image_gan_weight=1.0", "critic_optimizer.lr=1e-3",
+        "critic_optimizer.warmup_steps=4", "critic_optimizer.betas=[0.0,0.99]", "critic_optimizer.weight_decay=0.01",
+        "optimizer.lr=2e-3", "optimizer.warmup_steps=2",
     )  # fmt: skip
     parts = build_training(config, Accelerator(cpu=True))
     group = parts.opt_d.optimizer.param_groups[0]
@@ -206,6 +207,26 @@ def test_critics_have_their_own_optimizer_and_warm_up_from_start_step(prepared, 
     assert critic_lrs[5:9] == pytest.approx([1e-3 * k / 4 for k in (1, 2, 3, 4)])  # warm-up from start_step
     assert critic_lrs[9] <= 1e-3  # then the cosine decay
     assert generator_lrs[:2] == pytest.approx([1e-3, 2e-3])  # the generator's own warm-up from step 0
+
+
+def test_generator_and_critics_clip_to_their_own_grad_clip(prepared, tmp_path):
+    config = _config(
+        prepared, tmp_path, "gan.start_step=0", "gan.image_gan_weight=1.0", "optimizer.grad_clip=0.5",
+        "critic_optimizer.grad_clip=0.25",
+    )  # fmt: skip
+    parts = build_training(config, Accelerator(cpu=True))
+    generator = {id(p) for p in parts.model.parameters()}
+    clipped = []
+    clip = parts.accelerator.clip_grad_norm_
+
+    def recording_clip(parameters, max_norm, *args, **kwargs):
+        parameters = list(parameters)
+        clipped.append(("generator" if id(parameters[0]) in generator else "critics", max_norm))
+        return clip(parameters, max_norm, *args, **kwargs)
+
+    parts.accelerator.clip_grad_norm_ = recording_clip
+    _take_step(parts, _batch(parts, 2), 0)
+    assert clipped == [("generator", 0.5), ("critics", 0.25)]
 
 
 # ------------------------------------------------------------------------------ non-finite losses
@@ -260,7 +281,7 @@ def _record_host_syncs(monkeypatch) -> list[str]:
 
 def _steps_between_logs(prepared, tmp_path, monkeypatch) -> list[str]:
     config = _config(
-        prepared, tmp_path, "gan.start_step=1", "gan.image_gan_weight=1.0", "gan.video_gan_weight=0.5",
+        prepared, tmp_path, "gan.start_step=1", "gan.image_gan_weight=1.0", "gan.volume_gan_weight=0.5",
         "training.log_every=100", "training.validate_every=100", "training.checkpoint_every=100",
     )  # fmt: skip
     parts = build_training(config, Accelerator(cpu=True))

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from ..models import PatchDiscriminator
+from .config import GANConfig
 from .losses import feature_matching_loss, hinge_discriminator_loss, hinge_generator_loss
 
 
@@ -21,18 +22,25 @@ class Discriminators(nn.Module):
     Volumes are `(B, 1, D, H, W)`; slices `(B * n, 1, H, W)` (the same slices of real and fake).
     """
 
-    def __init__(self, image_weight: float, volume_weight: float, channels: int = 64, layers: int = 3):
+    def __init__(
+        self, image_gan_weight: float, volume_gan_weight: float, base_channels: int = 64, n_layers: int = 3
+    ):
         super().__init__()
-        self.image_weight = image_weight
-        self.volume_weight = volume_weight
-        self.image = PatchDiscriminator(2, 1, channels, layers) if image_weight > 0 else None
-        self.volume = PatchDiscriminator(3, 1, channels, layers) if volume_weight > 0 else None
+        self.image_gan_weight = image_gan_weight
+        self.volume_gan_weight = volume_gan_weight
+        self.image = PatchDiscriminator(2, 1, base_channels, n_layers) if image_gan_weight > 0 else None
+        self.volume = PatchDiscriminator(3, 1, base_channels, n_layers) if volume_gan_weight > 0 else None
+
+    @classmethod
+    def from_gan_config(cls, gan: GANConfig) -> Discriminators:
+        """The critics of the recipe's `gan` section (the same names, one for one)."""
+        return cls(gan.image_gan_weight, gan.volume_gan_weight, gan.base_channels, gan.n_layers)
 
     def _critics(self):
         if self.image is not None:
-            yield self.image, self.image_weight, "slices"
+            yield self.image, self.image_gan_weight, "slices"
         if self.volume is not None:
-            yield self.volume, self.volume_weight, "volumes"
+            yield self.volume, self.volume_gan_weight, "volumes"
 
     def forward(
         self,

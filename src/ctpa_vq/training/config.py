@@ -1,7 +1,7 @@
 """The training recipe as typed dataclasses, read from YAML plus dotted command-line overrides.
 
 OmegaConf does the parsing and type checking: `load_config("configs/demo.yaml",
-["model.lr=1e-4", "dataset.max_patients=null"])` returns a `TrainConfig` whose fields have
+["optimizer.lr=1e-4", "dataset.max_patients=null"])` returns a `TrainConfig` whose fields have
 the declared types, and an unknown key or a wrong type is an error naming the key.
 """
 
@@ -11,49 +11,51 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 
 @dataclass
 class ModelConfig:
-    """The generator and its optimiser."""
+    """The generator and its reconstruction loss."""
 
     preset: str = "tiny"
     overrides: dict[str, Any] = field(default_factory=dict)  # any VQGAN3D config field
     gradient_checkpointing: bool = False
-    lr: float = 3e-4
-    betas: tuple[float, float] = (0.5, 0.9)
-    weight_decay: float = 0.0
-    warmup_steps: int = 50
-    min_lr_ratio: float = 0.1  # cosine decay to lr * min_lr_ratio at training.max_steps
-    grad_clip: float = 1.0
     l1_weight: float = 4.0
 
 
 @dataclass
+class OptimizerConfig:
+    """One AdamW and its schedule: a linear warm-up over `warmup_steps`, then a cosine decay to
+    lr * min_lr_ratio at training.max_steps (the critics' starts at gan.start_step, LR 0 before)."""
+
+    lr: float = 3e-4
+    betas: tuple[float, float] = (0.5, 0.9)
+    weight_decay: float = 0.0
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0  # the global gradient norm is clipped to this; 0 = no clipping
+
+
+@dataclass
 class GANConfig:
-    """The staged adversarial part: off until `start_step`, then the weights below apply."""
+    """The staged adversarial part: off until `start_step`, then the weights below apply.
+
+    The critics' optimiser is the recipe's `critic_optimizer`."""
 
     start_step: int = 10_000
     image_gan_weight: float = 0.0  # 2D PatchGAN on random axial slices
-    video_gan_weight: float = 0.0  # 3D PatchGAN on the whole patch
+    volume_gan_weight: float = 0.0  # 3D PatchGAN on the whole patch
     feature_matching_weight: float = 4.0
     perceptual_weight: float = 0.0
     perceptual_weights: Optional[str] = None  # local .safetensors / dir, or a Hub repo id
     slices_per_volume: int = 4
-    channels: int = 64
-    layers: int = 3
-    # The critics' own optimiser (AdamW) and schedule: LR 0 before `start_step`, then a linear
-    # warm-up over `warmup_steps` and a cosine decay to lr * min_lr_ratio at training.max_steps.
-    lr: float = 3e-4
-    betas: tuple[float, float] = (0.5, 0.9)
-    weight_decay: float = 0.0
-    warmup_steps: int = 500
-    min_lr_ratio: float = 0.1
+    base_channels: int = 64  # both critics: PatchDiscriminator's width and depth
+    n_layers: int = 3
 
     @property
     def uses_discriminator(self) -> bool:
-        return self.image_gan_weight > 0 or self.video_gan_weight > 0
+        return self.image_gan_weight > 0 or self.volume_gan_weight > 0
 
 
 @dataclass
@@ -121,10 +123,35 @@ class HubConfig:
 @dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)  # the generator's
     gan: GANConfig = field(default_factory=GANConfig)
+    critic_optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(warmup_steps=500))  # the critics'
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     hub: HubConfig = field(default_factory=HubConfig)
+
+
+# Keys of older recipes and where each one went: a recipe (or override) with one is an error
+# naming the new key, rather than a silent second spelling.
+_MOVED_OPTIMIZER_KEYS = ("lr", "betas", "weight_decay", "warmup_steps", "min_lr_ratio")
+RENAMED_KEYS = {
+    "gan.video_gan_weight": "gan.volume_gan_weight",
+    "gan.channels": "gan.base_channels",
+    "gan.layers": "gan.n_layers",
+    **{f"model.{name}": f"optimizer.{name}" for name in (*_MOVED_OPTIMIZER_KEYS, "grad_clip")},
+    **{f"gan.{name}": f"critic_optimizer.{name}" for name in _MOVED_OPTIMIZER_KEYS},
+}
+_ABSENT = object()
+
+
+def _reject_renamed_keys(recipe: Any, source: str) -> None:
+    """Raise, naming `source` and every renamed key it holds with its new name."""
+    if not isinstance(recipe, DictConfig):
+        return
+    found = [f"{old} is now {new}" for old, new in RENAMED_KEYS.items()
+             if OmegaConf.select(recipe, old, default=_ABSENT) is not _ABSENT]  # fmt: skip
+    if found:
+        raise ValueError(f"{source}: recipe keys were renamed: {'; '.join(found)}")
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
@@ -133,8 +160,12 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     if path is not None:
         if not Path(path).is_file():
             raise FileNotFoundError(f"{path}: config file not found")
-        merged = OmegaConf.merge(merged, OmegaConf.load(path))
-    merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        recipe = OmegaConf.load(path)
+        _reject_renamed_keys(recipe, str(path))
+        merged = OmegaConf.merge(merged, recipe)
+    dotted = OmegaConf.from_dotlist(list(overrides))
+    _reject_renamed_keys(dotted, "command-line overrides")
+    merged = OmegaConf.merge(merged, dotted)
     return OmegaConf.to_object(merged)
 
 

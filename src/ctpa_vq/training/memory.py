@@ -1,7 +1,8 @@
 """Predicted peak GPU memory of one training step, on a machine without a GPU.
 
 One optimizer step of the recipe (generator forward/backward, AdamW step, then the critics'
-step once the GAN stage is on) runs on fake tensors: torch's ``FakeTensorMode`` gives every
+step once the GAN stage is on; the losses are training's own, `steps.generator_loss` and
+`steps.critic_loss`) runs on fake tensors: torch's ``FakeTensorMode`` gives every
 tensor a shape, dtype and device but no storage, and
 ``torch.distributed._tools.mem_tracker.MemTracker`` adds up the storages alive at each
 operation. What it counts is what ``torch.cuda.max_memory_allocated`` reports for the same
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
-from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -40,8 +40,9 @@ from ..intensity import hu_to_unit
 from ..models import VQGAN3D
 from .adversarial import Discriminators
 from .config import TrainConfig
-from .losses import random_slices
 from .perceptual import PerceptualLoss2D
+from .schedules import adamw
+from .steps import critic_loss, generator_loss
 
 GIB = 2**30
 
@@ -152,7 +153,7 @@ class _StepParts:
         with torch.device("meta"):
             parts = cls(VQGAN3D.from_preset(config.model.preset, **config.model.overrides))
             if gan_stage and gan.uses_discriminator:
-                parts.critics = Discriminators(gan.image_gan_weight, gan.video_gan_weight, gan.channels, gan.layers)
+                parts.critics = Discriminators.from_gan_config(gan)
             if gan_stage and gan.perceptual_weight > 0:
                 parts.perceptual = PerceptualLoss2D()
         if config.model.gradient_checkpointing:
@@ -164,10 +165,9 @@ class _StepParts:
         for module in self.modules:
             module.to_empty(device="cpu")
         # foreach=True: what AdamW picks by default for CUDA tensors (its temporaries count).
-        adamw = partial(torch.optim.AdamW, betas=config.model.betas, foreach=True)
-        self.opt_g = adamw(self.model.parameters(), lr=config.model.lr)
+        self.opt_g = adamw(self.model.parameters(), config.optimizer, foreach=True)
         if self.critics is not None:
-            self.opt_d = adamw(self.critics.parameters(), lr=config.gan.lr)
+            self.opt_d = adamw(self.critics.parameters(), config.critic_optimizer, foreach=True)
         for optimizer in self.optimizers:  # steady state: the Adam moments exist from step 2 on
             _allocate_state(optimizer)
 
@@ -193,34 +193,21 @@ def _allocate_state(optimizer: torch.optim.Optimizer) -> None:
 
 
 def _train_step(parts: _StepParts, config: TrainConfig, autocast_dtype: torch.dtype | None) -> None:
-    """One optimizer step as the training loop takes it, on a batch of int16 HU patches."""
-    model, gan = parts.model, config.gan
+    """One optimizer step as the loop takes it (with its losses, `steps.py`), on a batch of int16 HU patches."""
     shape = (config.training.batch_size, 1, *config.dataset.patch_size)
     hu = torch.empty(shape, dtype=torch.int16)  # the batch as the data loader hands it over
-    x = hu_to_unit(hu, model.config.hu_window)
+    x = hu_to_unit(hu, parts.model.config.hu_window)
     autocast = torch.autocast("cpu", dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None)
     with autocast:
-        out = model(x)
-        reconstruction = out.sample.float()  # accelerate hands mixed-precision outputs back in fp32
-        loss = config.model.l1_weight * (reconstruction - x).abs().mean() + out.commitment_loss
-        real_slices = fake_slices = None
-        if parts.perceptual is not None or parts.critics is not None:
-            real_slices, fake_slices = random_slices(x, reconstruction, n=gan.slices_per_volume)
-        if parts.perceptual is not None:
-            loss = loss + gan.perceptual_weight * parts.perceptual(fake_slices.float(), real_slices)
-        if parts.critics is not None:
-            parts.critics.requires_grad_(False)
-            adversarial, matching = parts.critics.generator_terms(x, reconstruction, real_slices, fake_slices)
-            parts.critics.requires_grad_(True)
-            loss = loss + adversarial + gan.feature_matching_weight * matching
-    loss.backward()
-    _clip_and_step(parts.opt_g, model, config.model.grad_clip)
-    del loss, out
+        generated = generator_loss(parts.model, x, config, parts.critics, parts.perceptual)
+    generated.loss.backward()
+    _clip_and_step(parts.opt_g, parts.model, config.optimizer.grad_clip)
+    generated = generated.detach()  # as `generator_step` hands it to the critics' step
     if parts.critics is not None:
         with autocast:
-            d_loss = parts.critics(x, reconstruction.detach(), real_slices, fake_slices.detach())
+            d_loss = critic_loss(parts.critics, x, generated)
         d_loss.backward()
-        _clip_and_step(parts.opt_d, parts.critics, config.model.grad_clip)
+        _clip_and_step(parts.opt_d, parts.critics, config.critic_optimizer.grad_clip)
 
 
 def _clip_and_step(optimizer: torch.optim.Optimizer, module: torch.nn.Module, grad_clip: float) -> None:

@@ -75,6 +75,6 @@ class NonFiniteGuard:
             raise NonFiniteLossError(
                 f"steps {first} to {last}: {consecutive} non-finite steps in a row "
                 f"(training.max_nonfinite_steps={self.max_consecutive}); last non-finite loss terms: {described}. "
-                "Lower model.lr or gan.lr, or check the data"
+                "Lower optimizer.lr or critic_optimizer.lr, or check the data"
             )
         return skipped

@@ -1,12 +1,25 @@
-"""Learning-rate factors (for `LambdaLR`) of the generator and of the critics.
+"""The optimizers of a recipe (`OptimizerConfig`) and the learning-rate factors (for `LambdaLR`)
+of the generator and of the critics.
 
-Both count optimizer steps, not micro-batches or samples, so a schedule is the same on any
-world size and resumes exactly from the step saved in a checkpoint.
+Both schedules count optimizer steps, not micro-batches or samples, so a schedule is the same on
+any world size and resumes exactly from the step saved in a checkpoint.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Iterable
+
+import torch
+
+from .config import OptimizerConfig
+
+
+def adamw(parameters: Iterable[torch.nn.Parameter], settings: OptimizerConfig, **implementation) -> torch.optim.AdamW:
+    """AdamW with the recipe's settings; `implementation` picks the kernel (`fused=True` in training)."""
+    return torch.optim.AdamW(
+        parameters, lr=settings.lr, betas=settings.betas, weight_decay=settings.weight_decay, **implementation
+    )
 
 
 def lr_factor(step: int, warmup: int, total: int, floor: float) -> float:

@@ -24,7 +24,7 @@ from .config import TrainConfig, TrainingConfig
 from .perceptual import PerceptualLoss2D, build_perceptual_loss
 from .nonfinite import NonFiniteGuard
 from .sampler import EpochShuffleSampler
-from .schedules import critic_lr_factor, lr_factor
+from .schedules import adamw, critic_lr_factor, lr_factor
 
 logger = get_logger(__name__)
 
@@ -145,20 +145,18 @@ def build_training(config: TrainConfig, accelerator: Accelerator | None = None) 
         drop_last=True,
     )
     # Fused AdamW: it takes the non-finite guard's `found_inf` flag on the device (no host sync).
-    m, gan, total = config.model, config.gan, config.training.max_steps
-    opt_g = torch.optim.AdamW(model.parameters(), lr=m.lr, betas=m.betas, weight_decay=m.weight_decay, fused=True)
+    g, d, gan, total = config.optimizer, config.critic_optimizer, config.gan, config.training.max_steps
+    opt_g = adamw(model.parameters(), g, fused=True)
     sched_g = torch.optim.lr_scheduler.LambdaLR(
-        opt_g, partial(lr_factor, warmup=m.warmup_steps, total=total, floor=m.min_lr_ratio)
+        opt_g, partial(lr_factor, warmup=g.warmup_steps, total=total, floor=g.min_lr_ratio)
     )
     model, opt_g, loader = accelerator.prepare(model, opt_g, loader)
     discriminators = opt_d = sched_d = None
     if gan.uses_discriminator:
-        discriminators = Discriminators(gan.image_gan_weight, gan.video_gan_weight, gan.channels, gan.layers)
-        opt_d = torch.optim.AdamW(
-            discriminators.parameters(), lr=gan.lr, betas=gan.betas, weight_decay=gan.weight_decay, fused=True
-        )
+        discriminators = Discriminators.from_gan_config(gan)
+        opt_d = adamw(discriminators.parameters(), d, fused=True)
         critic_schedule = partial(
-            critic_lr_factor, start=gan.start_step, warmup=gan.warmup_steps, total=total, floor=gan.min_lr_ratio
+            critic_lr_factor, start=gan.start_step, warmup=d.warmup_steps, total=total, floor=d.min_lr_ratio
         )
         sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, critic_schedule)
         discriminators, opt_d = accelerator.prepare(discriminators, opt_d)

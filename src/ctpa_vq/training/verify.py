@@ -186,8 +186,8 @@ def _knobs(config: TrainConfig, mixed: str, gan_stage: bool, processes: int, cap
         smaller = with_knob(config, training__batch_size=batch // 2, training__gradient_accumulation_steps=accumulation)
         candidates.append((f"training.batch_size={batch // 2} training.gradient_accumulation_steps={accumulation}",
                            smaller, mixed))
-    if gan_stage and config.gan.video_gan_weight > 0:
-        candidates.append(("gan.video_gan_weight=0 (drops the 3D critic)", with_knob(config, gan__video_gan_weight=0.0), mixed))
+    if gan_stage and config.gan.volume_gan_weight > 0:
+        candidates.append(("gan.volume_gan_weight=0 (drops the 3D critic)", with_knob(config, gan__volume_gan_weight=0.0), mixed))
     if depth >= 16:
         candidates.append((f"dataset.patch_size=[{depth // 2},{height},{width}]",
                            with_knob(config, dataset__patch_size=(depth // 2, height, width)), mixed))
