@@ -70,7 +70,8 @@ def test_encode_with_two_processes_resumes_and_matches_the_model(data, tmp_path)
     first = encode_dataset(data / "model", data / "prepared", output, splits=["validation"], patch_size=(32, 32, 32),
                            volumes_per_shard=1, progress=False)  # an earlier run that did one split only
     assert first.encoded == 2 and first.skipped == 0
-    (output / "data" / ".partial-r007-killed").write_bytes(b"half a shard")  # a killed process of an 8-process run
+    # a killed process of an 8-process run leaves its open shard's temporary file (`atomic_path`'s name)
+    (output / "data" / ".shard-r007-0123456789ab.parquet.k1ll3d.parquet").write_bytes(b"half a shard")
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE_CPU),
@@ -84,7 +85,7 @@ def test_encode_with_two_processes_resumes_and_matches_the_model(data, tmp_path)
     assert all("skipped 2 already encoded" in line for line in reports)
 
     shards = sorted(p.name for p in (output / "data").iterdir())
-    assert not [name for name in shards if name.startswith(".partial")]
+    assert not [name for name in shards if name.startswith(".")]  # no temporary file left
     assert {name[len("shard-r"):][:3] for name in shards} == {"000", "001"}  # both processes wrote
     assert len(shards) == 5
 
