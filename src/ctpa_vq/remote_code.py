@@ -158,24 +158,23 @@ def remote_code_files(index: dict, component: str = "vqgan") -> dict[str, bytes]
     }
 
 
-def write_remote_code(pipeline_dir: str | Path, component: str = "vqgan") -> list[Path]:
+def write_remote_code(pipeline_dir: str | Path) -> list[Path]:
     """Turn a saved pipeline folder into the self-contained layout (in place); returns the files written.
 
     The folder then loads with `DiffusionPipeline.from_pretrained(dir, trust_remote_code=True)`
     anywhere, and still with `CTPAReconstructionPipeline.from_pretrained(dir)` where the package is.
     """
     from .atomic import atomic_path
+    from .model_source import local_model
 
-    root = Path(pipeline_dir)
-    index_path = root / "model_index.json"
-    if not index_path.is_file():
-        raise FileNotFoundError(f"{index_path}: not a saved pipeline (no model_index.json)")
-    index = json.loads(index_path.read_text())
+    source = local_model(pipeline_dir)
+    if not source.is_pipeline:
+        raise FileNotFoundError(f"{source.root}: not a saved pipeline (no model_index.json)")
     written = []
-    for name, content in remote_code_files(index, component).items():
-        with atomic_path(root / name) as temporary:
+    for name, content in remote_code_files(source.index, source.subfolder).items():
+        with atomic_path(source.root / name) as temporary:
             temporary.write_bytes(content)
-        written.append(root / name)
+        written.append(source.root / name)
     return written
 
 
