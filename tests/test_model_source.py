@@ -42,6 +42,7 @@ def test_the_bundled_code_layout_resolves_to_the_same_component(saved, tmp_path)
     write_remote_code(folder)
     source = resolve_model(folder)
     assert source.subfolder == "vqgan" and source.index["vqgan"] == ["modeling_vqgan3d", "VQGAN3D"]
+    assert source.bundles_code and not resolve_model(saved / "pipeline").bundles_code
 
 
 def test_a_pipeline_without_its_weights_is_named_before_diffusers_is_asked(saved, tmp_path):

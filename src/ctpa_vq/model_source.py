@@ -43,6 +43,12 @@ class ModelSource:
         return self.subfolder is not None
 
     @property
+    def bundles_code(self) -> bool:
+        """A pipeline in the self-contained Hub layout (`ctpa_vq.remote_code`): its `model_index.json`
+        names the bundled pipeline file as `[file, class]`."""
+        return isinstance(self.index.get("_class_name"), list)
+
+    @property
     def root(self) -> Path:
         """The local folder (only for a local source)."""
         if not self.local:

@@ -178,9 +178,4 @@ def write_remote_code(pipeline_dir: str | Path) -> list[Path]:
     return written
 
 
-def is_remote_code_index(index: dict) -> bool:
-    """Whether a `model_index.json` names the bundled pipeline file (the self-contained layout)."""
-    return isinstance(index.get("_class_name"), list)
-
-
-__all__ = ["bundle_module", "module_closure", "remote_code_files", "write_remote_code", "is_remote_code_index"]
+__all__ = ["bundle_module", "module_closure", "remote_code_files", "write_remote_code"]

@@ -117,8 +117,7 @@ class CTPAReconstructionPipeline(DiffusionPipeline):
                 **{k: kwargs.pop(k) for k in hub_args if k in kwargs},
             )
         source = local_model(pretrained_model_name_or_path)
-        if isinstance(source.index.get("_class_name"), list):
-            # the layout with bundled code for diffusers alone (`ctpa_vq.remote_code`): use this package's classes
+        if source.bundles_code:  # the layout for diffusers alone (`ctpa_vq.remote_code`): use this package's classes
             return cls(vqgan=VQGAN3D.from_pretrained(source.location, subfolder=source.subfolder, **kwargs))
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
