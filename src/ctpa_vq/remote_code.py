@@ -10,7 +10,8 @@ The files are *generated* from this package's own modules, never written by hand
 drift from the code that trained the model: `bundle_module` takes a module and every module of
 the package it imports (transitively), orders them dependencies first, drops the intra-package
 imports and joins them into one source file. The result needs torch, diffusers, numpy and
-nibabel, the package's own dependencies, not the package.
+nibabel, the package's own dependencies, not the package (pydicom / SimpleITK only to read a
+DICOM series or an NRRD/MetaImage path, as in the package).
 """
 
 from __future__ import annotations
@@ -132,7 +133,8 @@ def bundle_module(entry: str) -> str:
             owner[name] = module
     parts = [
         f'"""Generated from {PACKAGE} {__version__} by `{__name__}` (modules: {", ".join(modules)}).\n\n'
-        f"Do not edit: regenerate it from the package. It needs torch, diffusers, numpy and nibabel, not {PACKAGE}.\n"
+        f"Do not edit: regenerate it from the package. It needs torch, diffusers, numpy and nibabel, not {PACKAGE} "
+        "(pydicom / SimpleITK only for DICOM or NRRD/MetaImage paths).\n"
         '"""\n\nfrom __future__ import annotations\n'
     ]
     for module in modules:
