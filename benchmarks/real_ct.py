@@ -28,6 +28,7 @@ import tarfile
 from pathlib import Path
 
 
+from ctpa_vq.atomic import atomic_path
 from ctpa_vq.data.nifti import CTVolume, save_ct_like
 from ctpa_vq.data.volume_io import load_volume
 
@@ -91,10 +92,8 @@ def real_ct_path(name: str) -> Path:
     with tarfile.open(sdist) as tar:
         member = tar.getmember(_MEMBER.format(name=name))
         source = tar.extractfile(member)
-        tmp = path.with_suffix(".nrrd.part")
-        with tmp.open("wb") as out:
-            out.write(source.read())
-        tmp.replace(path)  # atomic: a half-written file never looks cached
+        with atomic_path(path) as tmp:  # a half-written file never looks cached
+            tmp.write_bytes(source.read())
     return path
 
 

@@ -38,9 +38,11 @@ from diffusers import DDPMScheduler, UNet3DConditionModel
 from tqdm.auto import tqdm
 
 from ctpa_vq import VQGAN3D
+from ctpa_vq.atomic import atomic_path
 from ctpa_vq.data.phantom import make_phantom, write_phantom_dir
 from ctpa_vq.encode import encode_dataset, latents_as_tensor, load_encoded
 from ctpa_vq.latent_stats import compute_latent_stats, write_latent_stats
+from ctpa_vq.model_source import resolve_model
 from ctpa_vq.pipelines import CTPAReconstructionPipeline
 
 CROSS_ATTENTION_DIM = 16
@@ -51,7 +53,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--latents", type=Path, default=None, help="`ctpa-vq encode` output (default: encode phantoms)")
     parser.add_argument("--model", default=None, help="the VQGAN3D or pipeline folder, or Hub repo id, that encoded "
                         "--latents (default: a tiny demo model)")
-    parser.add_argument("--subfolder", default=None, help="model subfolder in a Hub pipeline repo (e.g. vqgan)")
     parser.add_argument("--shape", type=int, nargs=3, default=(16, 32, 32), metavar=("D", "H", "W"), help="phantom size")
     parser.add_argument("--num-volumes", type=int, default=4, help="phantoms to encode and train on")
     parser.add_argument("--train-steps", type=int, default=12)
@@ -75,11 +76,10 @@ def build_demo_model(folder: Path, shape: tuple[int, int, int]) -> Path:
     return folder
 
 
-def load_model(name_or_path: str, subfolder: str | None) -> VQGAN3D:
-    """`VQGAN3D.from_pretrained`, finding the model inside a local pipeline folder by itself."""
-    if subfolder is None and (Path(name_or_path) / "model_index.json").is_file():
-        subfolder = "vqgan"
-    return VQGAN3D.from_pretrained(name_or_path, subfolder=subfolder)
+def load_model(name_or_path: str) -> VQGAN3D:
+    """The `VQGAN3D` of a pipeline or model folder or Hub repo (`ctpa_vq.model_source.resolve_model`)."""
+    source = resolve_model(name_or_path)
+    return VQGAN3D.from_pretrained(source.location, subfolder=source.subfolder)
 
 
 def build_unet(latent_channels: int) -> UNet3DConditionModel:
@@ -160,7 +160,7 @@ def run(args: argparse.Namespace) -> np.ndarray:
             model_dir = build_demo_model(tmp / "vqgan", tuple(args.shape))
             args.model, args.latents = str(model_dir), encode_phantoms(tmp, model_dir, tuple(args.shape), args.num_volumes)
         scaled = read_scaled_latents(args.latents, tmp / "cache")
-        model = load_model(args.model, args.subfolder)
+        model = load_model(args.model)
     pipe = CTPAReconstructionPipeline(vqgan=model)
     pipe.set_progress_bar_config(disable=True)
 
@@ -182,7 +182,8 @@ def run(args: argparse.Namespace) -> np.ndarray:
     volumes = np.stack([pipe.decode_latents(z[None], volume_shape=volume_shape) for z in latents_out])
     print(f"decoded samples {volumes.shape} HU in [{volumes.min():.0f}, {volumes.max():.0f}], window {list(model.config.hu_window)}")
     if args.output:
-        np.savez(args.output, samples=volumes, hu_window=np.asarray(model.config.hu_window, dtype=np.float32))
+        with atomic_path(args.output, ".npz") as temporary:
+            np.savez(temporary, samples=volumes, hu_window=np.asarray(model.config.hu_window, dtype=np.float32))
     return volumes
 
 

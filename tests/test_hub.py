@@ -143,14 +143,16 @@ def test_push_then_from_pretrained_returns_same_weights(hub, model_dir, pipeline
 def test_pushed_pipeline_loads_with_the_pipeline_class(hub, pipeline_dir, tmp_path):
     push_to_hub(pipeline_dir, "lab/pipeline-class", endpoint=hub, token=TOKEN)
     load = textwrap.dedent("""
+        from ctpa_vq.model_source import resolve_model
         from ctpa_vq.pipelines import load_reconstruction_pipeline
         pipe = load_reconstruction_pipeline("lab/pipeline-class")
-        print(type(pipe).__name__, type(pipe.vqgan).__name__)
+        source = resolve_model("lab/pipeline-class")
+        print(type(pipe).__name__, type(pipe.vqgan).__name__, source.local, source.subfolder)
     """)
     loaded = subprocess.run([sys.executable, "-c", load], env=_client_env(hub, tmp_path),
                             capture_output=True, text=True, timeout=120)
     assert loaded.returncode == 0, loaded.stderr
-    assert loaded.stdout.split() == ["CTPAReconstructionPipeline", "VQGAN3D"]
+    assert loaded.stdout.split() == ["CTPAReconstructionPipeline", "VQGAN3D", "False", "vqgan"]
 
 
 def test_push_after_an_interrupted_one_completes(hub, model_dir, tmp_path):

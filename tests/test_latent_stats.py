@@ -84,3 +84,29 @@ def test_cli_latent_stats_names_a_missing_input(tmp_path, capsys):
     VQGAN3D.from_preset("tiny").save_pretrained(tmp_path / "model")
     assert main(["latent-stats", "--model", str(tmp_path / "model"), "--input", str(tmp_path / "nope.nii.gz")]) == 2
     assert "nope.nii.gz" in capsys.readouterr().err
+
+
+def test_cli_latent_stats_finds_the_volumes_prepare_finds(tmp_path, capsys):
+    """A NIfTI at the top, a DICOM CT series and its localizer in a patient's sub-folder: latent-stats
+    uses the two volumes `prepare` uses, and skips the localizer as `prepare` does."""
+    from dicom_series import write_series
+
+    from ctpa_vq.data.phantom import make_phantom, write_phantom_nifti
+    from ctpa_vq.data.prepare import prepare_dataset
+
+    scans = tmp_path / "scans"
+    write_phantom_nifti(scans / "top.nii.gz", (8, 16, 16), seed=1)
+    write_series(scans / "patientA" / "study", make_phantom((8, 16, 16), seed=2))
+    write_series(scans / "patientA" / "study", make_phantom((2, 16, 16), seed=3), series_number=9,
+                 image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"), file_prefix="scout")
+    VQGAN3D.from_preset("tiny").save_pretrained(tmp_path / "model")
+
+    assert main(["latent-stats", "--model", str(tmp_path / "model"), "--input", str(scans),
+                 "--patch", "8", "16", "16", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    # two volumes of 8x16x16 voxels at 4x downsampling: 2 * (2 * 4 * 4) latent voxels per channel
+    assert "latents over 64 voxels per channel" in out
+    assert f"skipped {scans / 'patientA' / 'study'}#2: a localizer (scout) series, not a CT volume" in out
+
+    report = prepare_dataset(scans, tmp_path / "prepared", val_fraction=0, progress=False, keep_identifiers=True)
+    assert len(report.used_files) == 2 and len(report.skipped) == 1

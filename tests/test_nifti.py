@@ -51,12 +51,15 @@ def test_load_is_canonical_and_voxels_keep_their_world_position(tmp_path):
         assert volume.hu[z, y, x] == source[i, j, k]
 
 
-def test_load_matches_nibabel_closest_canonical(tmp_path):
-    path = _write(tmp_path / "ct.nii", _random_hu((6, 5, 4)))
-    canonical = nib.as_closest_canonical(nib.load(path))
-    volume = load_ct(path)
-    np.testing.assert_array_equal(volume.hu, np.asarray(canonical.dataobj).transpose(2, 1, 0))
-    np.testing.assert_allclose(volume.affine, canonical.affine)
+def test_load_of_the_permuted_affine_gives_the_hand_derived_canonical_volume(tmp_path):
+    """PERMUTED_AFFINE by hand: W (+R) is the source's k, H (+A) its i reversed, D (+S) its j reversed."""
+    data = _random_hu((6, 5, 4))
+    volume = load_ct(_write(tmp_path / "ct.nii", data))
+    np.testing.assert_array_equal(volume.hu, data[::-1, ::-1, :].transpose(1, 0, 2))
+    # voxel (x, y, z) = source (i, j, k) = (5 - y, 4 - z, x): R = 0.8 x - 40, A = 0.6 y + 25 - 0.6 * 5,
+    # S = 2.5 z + 100 - 2.5 * 4
+    np.testing.assert_allclose(volume.affine, [[0.8, 0, 0, -40.0], [0, 0.6, 0, 22.0], [0, 0, 2.5, 90.0], [0, 0, 0, 1]])
+    assert volume.spacing == pytest.approx((2.5, 0.6, 0.8))
 
 
 def test_save_like_inverts_the_canonical_transform_and_keeps_the_header(tmp_path):

@@ -37,9 +37,13 @@ BLOCK_CTPA_VQ = textwrap.dedent("""
 """)
 
 
-def _imported_packages(source: str) -> set[str]:
+CLINICAL_EXTRA = {"pydicom", "SimpleITK"}
+
+
+def _imported_packages(source: str, top_level_only: bool = False) -> set[str]:
+    tree = ast.parse(source)
     names = set()
-    for node in ast.walk(ast.parse(source)):
+    for node in tree.body if top_level_only else ast.walk(tree):
         if isinstance(node, ast.Import):
             names.update(alias.name.split(".")[0] for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -52,9 +56,11 @@ def test_bundles_import_nothing_of_the_package():
         imported = _imported_packages(bundle_module(entry))
         assert "ctpa_vq" not in imported and "." not in imported, entry
         assert imported <= {"__future__", "os", "zlib", "tempfile", "contextlib", "dataclasses", "pathlib", "typing",
-                            "functools", "shutil", "logging",
+                            "functools", "shutil", "logging", "json",
                             "math", "itertools", "fractions", "numpy", "torch", "nibabel", "diffusers",
-                            "huggingface_hub"}, imported
+                            "huggingface_hub", *CLINICAL_EXTRA}, imported
+        # DICOM series and NRRD paths need the `clinical` extra only when one is read, as in the package
+        assert not _imported_packages(bundle_module(entry), top_level_only=True) & CLINICAL_EXTRA, entry
 
 
 def test_bundled_model_computes_what_the_package_model_computes(tmp_path):

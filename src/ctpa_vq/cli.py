@@ -160,6 +160,8 @@ def _run_latent_stats(args: argparse.Namespace) -> int:
     result = compute_and_store_latent_stats(
         args.model, args.input, **_grid_options(args), progress=not args.no_progress
     )
+    for reason in result.skipped:
+        print(f"skipped {reason}")
     print(f"latents over {result.count} voxels per channel, stored in {args.model}")
     for channel, (mean, std) in enumerate(zip(result.mean, result.std)):
         print(f"  channel {channel}: mean {mean:+.5f}  std {std:.5f}")
@@ -247,20 +249,15 @@ def _add_inference_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _load_pipeline(args: argparse.Namespace):
-    from pathlib import Path
-
+    from .model_source import resolve_model
     from .pipelines import load_reconstruction_pipeline
 
     device = _device(args.device)
-    model = Path(args.model)
-    has_config = model.is_dir() and any((model / name).is_file() for name in ("config.json", "model_index.json"))
-    if has_config and not any(model.rglob("*.safetensors")):
-        raise FileNotFoundError(f"{model}: no weights in this model folder (no .safetensors file; ctpa-vq saves and "
-                                "loads safetensors only): was save_pretrained interrupted, or is it the wrong folder?")
+    source = resolve_model(args.model)  # errors name the folder and what it lacks
     try:
-        pipeline = load_reconstruction_pipeline(args.model)
+        pipeline = load_reconstruction_pipeline(source)
     except OSError as err:  # diffusers' "no file named ..." and friends
-        raise FileNotFoundError(f"{model}: the model cannot be loaded ({err})") from err
+        raise FileNotFoundError(f"{args.model}: the model cannot be loaded ({err})") from err
     pipeline.to(device)
     pipeline.set_progress_bar_config(disable=args.no_progress)
     return pipeline

@@ -28,6 +28,7 @@ import json
 import os
 import time
 import uuid
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -139,11 +140,9 @@ def _prepared_volumes(source: Path, splits: Sequence[str] | None) -> list[Volume
 
 def _folder_volumes(source: Path, pseudonymise: Callable[[str], str]) -> list[VolumeToEncode]:
     from .data.prepare import patient_id
-    from .data.volume_io import find_volumes
+    from .data.volume_io import input_volumes
 
-    found = find_volumes(source)
-    if not found:
-        raise FileNotFoundError(f"{source}: no volumes in this folder (nor a prepared dataset)")
+    found = input_volumes(source)
 
     def reader(item):
         def read():
@@ -190,17 +189,19 @@ def _row(source: VolumeToEncode, hu, spacing, affine, latents: torch.Tensor, sca
 
 
 class _ShardWriter:
-    """Row groups into `.partial-<name>`; renamed to `shard-<name>.parquet` when full or closed."""
+    """Row groups into a temporary file beside `shard-<name>.parquet`, renamed into place
+    (`ctpa_vq.atomic.atomic_path`: flushed to disk, then renamed) when full or closed."""
 
     def __init__(self, data_dir: Path, rank: int, volumes_per_shard: int) -> None:
         self.data_dir, self.rank, self.capacity = data_dir, rank, volumes_per_shard
         self.writer: pq.ParquetWriter | None = None
+        self.shard = ExitStack()  # holds the open shard's `atomic_path`
         self.rows = 0
 
     def write(self, table: pa.Table) -> None:
         if self.writer is None:
-            self.name = f"r{self.rank:03d}-{uuid.uuid4().hex[:12]}"
-            self.writer = pq.ParquetWriter(self.data_dir / f".partial-{self.name}", SCHEMA)
+            name = f"shard-r{self.rank:03d}-{uuid.uuid4().hex[:12]}.parquet"
+            self.writer = pq.ParquetWriter(self.shard.enter_context(atomic_path(self.data_dir / name)), SCHEMA)
         self.writer.write_table(table)
         self.rows += 1
         if self.rows >= self.capacity:
@@ -209,7 +210,7 @@ class _ShardWriter:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
-            os.replace(self.data_dir / f".partial-{self.name}", self.data_dir / f"shard-{self.name}.parquet")
+            self.shard.close()  # renames the finished shard into place
             self.writer, self.rows = None, 0
 
 
@@ -251,7 +252,7 @@ def encode_dataset(
     volumes = list_volumes(source, splits, pseudonymise)
     if state.is_main_process:
         data_dir.mkdir(parents=True, exist_ok=True)
-        for stale in data_dir.glob(".partial-*"):  # unfinished shards of a killed run (any world size)
+        for stale in data_dir.glob(f".{SHARD_GLOB}.*"):  # unfinished shards of a killed run (any world size)
             stale.unlink()
     state.wait_for_everyone()
     done = encoded_ids(output_dir)

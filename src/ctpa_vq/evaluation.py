@@ -17,7 +17,7 @@ import numpy as np
 
 from .atomic import atomic_path
 from .data.patch_dataset import VolumeStore
-from .data.volume_io import INPUT_KINDS, find_volumes, load_volume
+from .data.volume_io import input_volumes
 from .intensity import clipped_fraction
 from .metrics import reconstruction_metrics
 from .pipelines import CTPAReconstructionOutput, CTPAReconstructionPipeline
@@ -83,21 +83,14 @@ def iter_volumes(
     pseudonym `prepare` stores as its ``source``; a prepared split's names are its stored patient ids.
     """
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file or directory")
     if (path / "dataset_dict.json").is_file() or (path / "dataset_info.json").is_file():
         store = VolumeStore.from_disk(path, split)
         for index in range(len(store)):
             yield store.patient_ids[index], partial(store.volume, index)
         return
-    if path.is_file():
-        yield name(path.name), lambda: load_volume(path).hu
-        return
-    sources = find_volumes(path)
-    if not sources:
-        raise ValueError(f"{path}: no volumes ({INPUT_KINDS}) and not a prepared dataset")
-    for source in sources:
-        yield name(os.path.relpath(source.name, path)), lambda source=source: source.load().hu
+    root = path if path.is_dir() else path.parent
+    for source in input_volumes(path):
+        yield name(os.path.relpath(source.name, root)), lambda source=source: source.load().hu
 
 
 def write_scores_csv(scores: Sequence[VolumeScore], path: str | os.PathLike) -> None:

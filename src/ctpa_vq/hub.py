@@ -27,7 +27,7 @@ import math
 import os
 import re
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -36,6 +36,7 @@ from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, Mo
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
 
 from . import __version__
+from .model_source import ModelSource, ModelSourceError, local_model
 from .remote_code import remote_code_files
 
 try:  # huggingface_hub >= 1 talks through httpx2: network failures are its TransportErrors
@@ -43,7 +44,6 @@ try:  # huggingface_hub >= 1 talks through httpx2: network failures are its Tran
 except ImportError:  # older huggingface_hub uses requests, whose network errors are OSErrors
     NetworkError = OSError
 
-MODEL_CLASS_NAME = "VQGAN3D"
 CARD_TAGS = ["medical-imaging", "ct", "ctpa", "3d", "vq-gan", "vqgan", "autoencoder", "diffusers"]
 # Pickled weights and training state never go to the Hub (the model's weights are safetensors only),
 # nor hidden files (.cache/, temp folders); README.md is replaced by the generated card.
@@ -72,20 +72,6 @@ class LastMetrics:
 
 
 @dataclass
-class ModelFolder:
-    """A `save_pretrained` folder: a `VQGAN3D` alone, or a pipeline with the model in `subfolder`."""
-
-    root: Path
-    subfolder: str | None  # None: the model is at the root
-    config: dict = field(default_factory=dict)
-    pipeline_config: dict = field(default_factory=dict)
-
-    @property
-    def model_path(self) -> Path:
-        return self.root / self.subfolder if self.subfolder else self.root
-
-
-@dataclass
 class PushResult:
     repo_id: str
     revision: str
@@ -105,25 +91,15 @@ def _read_json(path: Path) -> dict:
         raise HubPushError(f"{path}: not a readable JSON file ({err})") from None
 
 
-def read_model_folder(model_dir: str | Path) -> ModelFolder:
-    """Recognise a `VQGAN3D` folder (`config.json`) or a pipeline folder (`model_index.json`)."""
+def read_model_folder(model_dir: str | Path) -> ModelSource:
+    """A local `VQGAN3D` folder (`config.json`) or pipeline folder (`model_index.json`) to push."""
     root = Path(model_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: model folder does not exist")
-    if (root / "model_index.json").is_file():
-        index = _read_json(root / "model_index.json")
-        names = [k for k, v in index.items() if isinstance(v, list) and len(v) == 2 and v[1] == MODEL_CLASS_NAME]
-        if not names:
-            raise HubPushError(f"{root / 'model_index.json'}: no {MODEL_CLASS_NAME} component in this pipeline")
-        folder = ModelFolder(root, names[0], pipeline_config=index)
-    elif (root / "config.json").is_file():
-        folder = ModelFolder(root, None)
-    else:
-        raise HubPushError(f"{root}: neither config.json nor model_index.json; is this a save_pretrained folder?")
-    folder.config = _read_json(folder.model_path / "config.json")
-    if not list(folder.model_path.glob("*.safetensors")):
-        raise HubPushError(f"{folder.model_path}: no .safetensors weights (pickled weights are not pushed)")
-    return folder
+    try:
+        return local_model(root)
+    except ModelSourceError as err:
+        raise HubPushError(str(err)) from None
 
 
 def _number(text: str) -> float | None:
@@ -354,7 +330,7 @@ def build_model_card(
     `history` the card's earlier `version_history` (one entry is added for this push).
     """
     folder = read_model_folder(model_dir)
-    config = folder.config
+    config = _read_json(folder.model_path / "config.json")
     recipe_path = Path(recipe) if recipe else _find_one(folder.root, suffixes=RECIPE_SUFFIXES)
     recipe_text = recipe_path.read_text() if recipe_path else None
     metrics_path = Path(metrics) if metrics else _find_one(folder.root, names=METRICS_FILE_NAMES)
@@ -391,7 +367,6 @@ def build_model_card(
     example_volume = (600, 512, 512)
     example_latent = (latent_channels, *(s // f for s, f in zip(example_volume, factor)))
     quantizer = config.get("quantizer_type", "ema")
-    patch_keys = {k: folder.pipeline_config[k] for k in ("patch_size", "overlap", "blend") if k in folder.pipeline_config}
     return ModelCard.from_template(
         card_data,
         template_str=resources.files("ctpa_vq").joinpath("templates/model_card.md").read_text(),
@@ -421,17 +396,16 @@ def build_model_card(
         metrics_step=last.step if last else None,
         metrics_rows=[(k, _format_value(v)) for k, v in sorted(last.values.items())] if last else [],
         clipped_note=_clipped_note(last),
-        patch_note=", ".join(f"{k} {v}" for k, v in patch_keys.items()),
         example_latent_shape=f"a {example_volume} volume gives {example_latent}",
         latent_stats_note=latent_stats_note,
-        remote_code=folder.subfolder is not None,
+        remote_code=folder.is_pipeline,
     )
 
 
 # --------------------------------------------------------------------------------------- the push
 
 
-def _operations(folder: ModelFolder, card: ModelCard, extra_files: list[Path]) -> list[CommitOperationAdd]:
+def _operations(folder: ModelSource, card: ModelCard, extra_files: list[Path]) -> list[CommitOperationAdd]:
     """The folder's files, the given recipe/metrics at the repo root (replacing same-named ones), the
     bundled code of a pipeline (`remote_code_files`), then the card. Recipes go scrubbed of local paths."""
     sources: dict[str, str | bytes] = {}
@@ -445,7 +419,7 @@ def _operations(folder: ModelFolder, card: ModelCard, extra_files: list[Path]) -
         if name.endswith(RECIPE_SUFFIXES):
             sources[name] = scrub_recipe(path.read_text()).encode()
     if folder.subfolder is not None:
-        sources.update(remote_code_files(folder.pipeline_config, folder.subfolder))
+        sources.update(remote_code_files(folder.index, folder.subfolder))
     sources["README.md"] = str(card).encode()
     return [
         CommitOperationAdd(path_in_repo=name, path_or_fileobj=source if isinstance(source, bytes) else str(source))

@@ -8,21 +8,18 @@ enough, and written to `latents_mean` / `latents_std` in the model's `config.jso
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
-from dataclasses import dataclass
-from functools import partial
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .data.dicom import is_dicom_file
-from .data.nifti import CTVolume
-from .data.volume_io import INPUT_KINDS, find_volumes, load_volume
+from .atomic import atomic_path
+from .data.dicom import SkippedSeries
+from .data.volume_io import input_volumes
+from .model_source import local_model
 
 
 @dataclass
@@ -32,6 +29,7 @@ class LatentStats:
     mean: list[float]
     std: list[float]
     count: int
+    skipped: list[str] = field(default_factory=list)  # series that are no CT volume (localizer, ...), why
 
 
 class RunningChannelStats:
@@ -87,34 +85,15 @@ def compute_latent_stats(
 def write_latent_stats(model, stats: LatentStats, model_path: str | Path) -> None:
     """Set `latents_mean` / `latents_std` on `model` and rewrite `model_path/config.json` atomically.
 
-    The weights do not change, so only the config is rewritten: `save_config` into a temporary
-    folder beside it, then one `os.replace`, so a crash leaves either the old or the new config.
+    The weights do not change, so only the config is rewritten (`ctpa_vq.atomic.atomic_path`):
+    a crash leaves either the old or the new config.
     """
-    model_path = Path(model_path)
-    if not (model_path / "config.json").is_file():
-        raise FileNotFoundError(f"{model_path / 'config.json'}: model config does not exist")
+    config_path = Path(model_path) / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path}: model config does not exist")
     model.register_to_config(latents_mean=stats.mean, latents_std=stats.std)
-    with tempfile.TemporaryDirectory(dir=model_path, prefix=".latent-stats-") as tmp:
-        model.save_config(tmp)
-        json.loads((Path(tmp) / "config.json").read_text())  # what we swap in must parse
-        os.replace(Path(tmp) / "config.json", model_path / "config.json")
-
-
-def volume_readers(inputs: Sequence[str | Path]) -> list[Callable[[], CTVolume]]:
-    """A reader per volume named in `inputs`: files and DICOM series folders as given, other folders
-    expanded to the volumes under them (NIfTI, NRRD, MetaImage, DICOM series; sorted)."""
-    readers: list[Callable[[], CTVolume]] = []
-    for item in map(Path, inputs):
-        if not item.exists():
-            raise FileNotFoundError(f"{item}: no such file or folder")
-        if item.is_dir() and not any(is_dicom_file(p) for p in item.iterdir() if p.is_file()):
-            found = find_volumes(item)
-            if not found:
-                raise FileNotFoundError(f"{item}: no volumes in this folder (expected {INPUT_KINDS})")
-            readers.extend(source.load for source in found)
-        else:
-            readers.append(partial(load_volume, item))
-    return readers
+    with atomic_path(config_path) as temporary:
+        model.to_json_file(temporary)
 
 
 def compute_and_store_latent_stats(
@@ -130,15 +109,20 @@ def compute_and_store_latent_stats(
     (`model_dir/config.json`, or `model_dir/vqgan/config.json` for a saved pipeline)."""
     from .pipelines import load_reconstruction_pipeline
 
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise FileNotFoundError(f"{model_dir}: model folder does not exist (latent-stats rewrites a local model)")
-    readers = volume_readers(inputs)
-    pipe = load_reconstruction_pipeline(model_dir)
+    source = local_model(model_dir)  # latent-stats rewrites a local model's config
+    volumes = [volume for item in inputs for volume in input_volumes(item)]
+    pipe = load_reconstruction_pipeline(source)
     pipe.set_progress_bar_config(disable=True)
-    model_path = model_dir / "vqgan" if (model_dir / "model_index.json").is_file() else model_dir
     options = dict(patch_size=patch_size, overlap=overlap, max_patch_voxels=max_patch_voxels)
-    volumes = (read().hu for read in tqdm(readers, desc="latent stats", unit="volume", disable=not progress))
-    stats = compute_latent_stats(lambda hu: pipe.encode_volume(hu, **options), volumes)
-    write_latent_stats(pipe.vqgan, stats, model_path)
-    return stats
+    skipped: list[str] = []
+
+    def read_all() -> Iterator[np.ndarray]:
+        for volume in tqdm(volumes, desc="latent stats", unit="volume", disable=not progress):
+            try:
+                yield volume.load().hu
+            except SkippedSeries as err:  # a localizer, ...: not a CT volume, as `prepare` skips it
+                skipped.append(str(err))
+
+    stats = compute_latent_stats(lambda hu: pipe.encode_volume(hu, **options), read_all())
+    write_latent_stats(pipe.vqgan, stats, source.model_path)
+    return replace(stats, skipped=skipped)

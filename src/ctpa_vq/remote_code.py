@@ -10,7 +10,8 @@ The files are *generated* from this package's own modules, never written by hand
 drift from the code that trained the model: `bundle_module` takes a module and every module of
 the package it imports (transitively), orders them dependencies first, drops the intra-package
 imports and joins them into one source file. The result needs torch, diffusers, numpy and
-nibabel, the package's own dependencies, not the package.
+nibabel, the package's own dependencies, not the package (pydicom / SimpleITK only to read a
+DICOM series or an NRRD/MetaImage path, as in the package).
 """
 
 from __future__ import annotations
@@ -132,7 +133,8 @@ def bundle_module(entry: str) -> str:
             owner[name] = module
     parts = [
         f'"""Generated from {PACKAGE} {__version__} by `{__name__}` (modules: {", ".join(modules)}).\n\n'
-        f"Do not edit: regenerate it from the package. It needs torch, diffusers, numpy and nibabel, not {PACKAGE}.\n"
+        f"Do not edit: regenerate it from the package. It needs torch, diffusers, numpy and nibabel, not {PACKAGE} "
+        "(pydicom / SimpleITK only for DICOM or NRRD/MetaImage paths).\n"
         '"""\n\nfrom __future__ import annotations\n'
     ]
     for module in modules:
@@ -158,30 +160,24 @@ def remote_code_files(index: dict, component: str = "vqgan") -> dict[str, bytes]
     }
 
 
-def write_remote_code(pipeline_dir: str | Path, component: str = "vqgan") -> list[Path]:
+def write_remote_code(pipeline_dir: str | Path) -> list[Path]:
     """Turn a saved pipeline folder into the self-contained layout (in place); returns the files written.
 
     The folder then loads with `DiffusionPipeline.from_pretrained(dir, trust_remote_code=True)`
     anywhere, and still with `CTPAReconstructionPipeline.from_pretrained(dir)` where the package is.
     """
     from .atomic import atomic_path
+    from .model_source import local_model
 
-    root = Path(pipeline_dir)
-    index_path = root / "model_index.json"
-    if not index_path.is_file():
-        raise FileNotFoundError(f"{index_path}: not a saved pipeline (no model_index.json)")
-    index = json.loads(index_path.read_text())
+    source = local_model(pipeline_dir)
+    if not source.is_pipeline:
+        raise FileNotFoundError(f"{source.root}: not a saved pipeline (no model_index.json)")
     written = []
-    for name, content in remote_code_files(index, component).items():
-        with atomic_path(root / name) as temporary:
+    for name, content in remote_code_files(source.index, source.subfolder).items():
+        with atomic_path(source.root / name) as temporary:
             temporary.write_bytes(content)
-        written.append(root / name)
+        written.append(source.root / name)
     return written
 
 
-def is_remote_code_index(index: dict) -> bool:
-    """Whether a `model_index.json` names the bundled pipeline file (the self-contained layout)."""
-    return isinstance(index.get("_class_name"), list)
-
-
-__all__ = ["bundle_module", "module_closure", "remote_code_files", "write_remote_code", "is_remote_code_index"]
+__all__ = ["bundle_module", "module_closure", "remote_code_files", "write_remote_code"]

@@ -27,12 +27,11 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from .nifti import CTFileError, CTVolume, ct_from_image
+from .nifti import LPS_TO_RAS, CTFileError, CTVolume, ct_from_image
 
 SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"  # DICOMDIR
 _HEADER_TAGS = ["SeriesInstanceUID", "SeriesNumber", "Modality", "ImageType", "SOPClassUID"]
-_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _ORIENTATION_TOLERANCE = 1e-4  # direction cosines
 _SPACING_TOLERANCE = 0.01  # relative deviation of a slice step from the median step
 _GAP_FACTOR = 1.5  # a step this many times the median step means slices are missing
@@ -167,7 +166,7 @@ def load_dicom_series(series: DicomSeries) -> CTVolume:
     affine_lps[:3, 1] = column_cosines * row_spacing  # j: row index, along the column direction
     affine_lps[:3, 2] = (last.position - first.position) / (len(order) - 1)
     affine_lps[:3, 3] = first.position
-    affine = _LPS_TO_RAS @ affine_lps
+    affine = LPS_TO_RAS @ affine_lps
 
     rows, columns = first.size
     integral = all(float(g.slope).is_integer() and float(g.intercept).is_integer() for g in geometry)

@@ -16,10 +16,9 @@ import nibabel as nib
 import numpy as np
 
 from ..atomic import atomic_path
-from .nifti import CTFileError, CTVolume, _as_storage_dtype, ct_from_image
+from .nifti import LPS_TO_RAS, CTFileError, CTVolume, _as_storage_dtype, ct_from_image
 
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
-_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
 def _sitk():
@@ -55,7 +54,7 @@ def load_itk(path: str | os.PathLike) -> CTVolume:
     affine_lps = np.eye(4)
     affine_lps[:3, :3] = np.array(image.GetDirection()).reshape(3, 3) * np.array(image.GetSpacing())
     affine_lps[:3, 3] = image.GetOrigin()
-    nifti = nib.Nifti1Image(data_zyx.transpose(2, 1, 0), _LPS_TO_RAS @ affine_lps)
+    nifti = nib.Nifti1Image(data_zyx.transpose(2, 1, 0), LPS_TO_RAS @ affine_lps)
     return ct_from_image(nifti, str(path))
 
 
@@ -68,7 +67,7 @@ def save_itk_like(hu: np.ndarray, reference: CTVolume, path: str | os.PathLike) 
         raise ValueError(f"{path}: refusing to write NaN/Inf voxels")
     data_xyz = reference.to_source_orientation(_as_storage_dtype(hu))
     image = sitk.GetImageFromArray(np.ascontiguousarray(data_xyz.transpose(2, 1, 0)))
-    affine_lps = _LPS_TO_RAS @ reference.source_affine
+    affine_lps = LPS_TO_RAS @ reference.source_affine
     spacing = np.sqrt((affine_lps[:3, :3] ** 2).sum(axis=0))
     image.SetSpacing(spacing.tolist())
     image.SetDirection((affine_lps[:3, :3] / spacing).ravel().tolist())

@@ -25,6 +25,8 @@ from ..atomic import atomic_path
 
 _INT16 = np.iinfo(np.int16)
 _RAS = orientations.axcodes2ornt(("R", "A", "S"))
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+"""DICOM / ITK patient coordinates (LPS) -> NIfTI's RAS: a 4x4 affine applied on the left."""
 
 
 class CTFileError(ValueError):

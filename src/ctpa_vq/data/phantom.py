@@ -42,6 +42,8 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from ..atomic import atomic_path
+
 Z_EXTENT = 2.0  # the z range [0, 1] spans 2 units of x and y
 
 HU_AIR = -1000
@@ -220,7 +222,8 @@ def write_phantom_nifti(
     image.header.set_xyzt_units("mm", "sec")
     image.header.set_slope_inter(1.0, 0.0)
     path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(image, path)
+    with atomic_path(path, ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix) as temporary:
+        nib.save(image, temporary)
     return path
 
 

@@ -3,6 +3,7 @@
 * :func:`load_volume`: one path (a file, or a folder holding one DICOM series) -> :class:`CTVolume`.
 * :func:`find_volumes`: every volume under a folder, each with a loader, so a caller reads them one
   at a time and a bad one does not stop the rest.
+* :func:`input_volumes`: what a command's ``--input`` names: a file, or every volume under a folder.
 * :func:`save_volume_like`: write a result on the input's own grid, as NIfTI or NRRD/MetaImage.
 """
 
@@ -96,6 +97,24 @@ def find_volumes(folder: str | os.PathLike) -> list[VolumeSource]:
             sources += [VolumeSource(series.name, directory, partial(load_dicom_series, series))
                         for series in find_series(directory, dicom_files)]
     return sorted(sources, key=lambda s: s.name)
+
+
+def input_volumes(path: str | os.PathLike) -> list[VolumeSource]:
+    """The volumes a command's input names: a file is one volume, a folder every volume under it
+    (:func:`find_volumes`: recursive, each DICOM series its own volume), as ``prepare`` reads them.
+
+    Raises:
+        FileNotFoundError: nothing at ``path``, or a folder holding no volume.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    if not path.is_dir():
+        return [VolumeSource(str(path), path, partial(load_volume, path))]
+    found = find_volumes(path)
+    if not found:
+        raise FileNotFoundError(f"{path}: no volumes in this folder (expected {INPUT_KINDS})")
+    return found
 
 
 def save_volume_like(hu: np.ndarray, reference: CTVolume, path: str | os.PathLike) -> Path:

@@ -14,13 +14,16 @@ import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 
-from ..data.nifti import ct_from_image, load_ct
+from ..data.nifti import ct_from_image
+from ..data.volume_io import load_volume
 from ..intensity import hu_to_unit, unit_to_hu
+from ..model_source import ModelSource, local_model, resolve_model
 from ..models import VQGAN3D
 from ..patching import BlendMode, PatchGrid, PatchStitcher, StitchMode, plan_grid
 
 VolumeInput = Union[np.ndarray, torch.Tensor, str, os.PathLike, nib.Nifti1Image]
-"""A (D, H, W) HU array/tensor in canonical orientation, a NIfTI path, or a nibabel image."""
+"""A (D, H, W) HU array/tensor in canonical orientation, a volume path (NIfTI, NRRD or MetaImage
+file, DICOM series folder: `ctpa_vq.data.volume_io.load_volume`), or a nibabel image."""
 
 DEFAULT_MAX_PATCH_VOXELS = 128 * 256 * 256
 """Memory budget of a planned patch: the voxels of the seeds' patch, which the `ctpa-512` model
@@ -113,9 +116,9 @@ class CTPAReconstructionPipeline(DiffusionPipeline):
                 allow_patterns=["*.json", "*.safetensors"],
                 **{k: kwargs.pop(k) for k in hub_args if k in kwargs},
             )
-        if isinstance(cls.load_config(pretrained_model_name_or_path)["_class_name"], list):
-            # the layout with bundled code for diffusers alone (`ctpa_vq.remote_code`): use this package's classes
-            return cls(vqgan=VQGAN3D.from_pretrained(pretrained_model_name_or_path, subfolder="vqgan", **kwargs))
+        source = local_model(pretrained_model_name_or_path)
+        if source.bundles_code:  # the layout for diffusers alone (`ctpa_vq.remote_code`): use this package's classes
+            return cls(vqgan=VQGAN3D.from_pretrained(source.location, subfolder=source.subfolder, **kwargs))
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     @property
@@ -133,12 +136,12 @@ class CTPAReconstructionPipeline(DiffusionPipeline):
     def read_volume(volume: VolumeInput) -> np.ndarray | torch.Tensor:
         """The `(D, H, W)` HU data of any accepted input; errors name the input and the problem."""
         if isinstance(volume, (str, os.PathLike)):
-            return load_ct(volume).hu
+            return load_volume(volume).hu
         if isinstance(volume, nib.spatialimages.SpatialImage):
             return ct_from_image(volume, name=str(volume.get_filename() or "nibabel image")).hu
         if not isinstance(volume, (np.ndarray, torch.Tensor)):
             raise TypeError(
-                f"volume must be a (D, H, W) array/tensor, a NIfTI path or a nibabel image, got {type(volume)}"
+                f"volume must be a (D, H, W) array/tensor, a volume path or a nibabel image, got {type(volume)}"
             )
         if volume.ndim != 3:
             raise ValueError(f"volume must be 3D (D, H, W), got shape {tuple(volume.shape)}")
@@ -329,7 +332,8 @@ class CTPAReconstructionPipeline(DiffusionPipeline):
         """Reconstruct a whole HU volume patch-wise.
 
         Args:
-            volume: `(D, H, W)` HU (numpy/torch, canonical orientation), a NIfTI path or a nibabel image.
+            volume: `(D, H, W)` HU (numpy/torch, canonical orientation), a volume path (see
+                `VolumeInput`) or a nibabel image.
             patch_size: `(D, H, W)` patch in voxels; default None: planned (`patch_grid`).
             overlap: per-axis fraction in [0, 1) or voxel count; default: 25% of an explicit
                 patch, `SEAM_FREE_LATENT_OVERLAP` latent voxels for a planned grid (voxels only).
@@ -373,30 +377,15 @@ class CTPAReconstructionPipeline(DiffusionPipeline):
 
 
 def load_reconstruction_pipeline(
-    name_or_path: str | os.PathLike, torch_dtype: torch.dtype | None = None
+    model: str | os.PathLike | ModelSource, torch_dtype: torch.dtype | None = None
 ) -> CTPAReconstructionPipeline:
-    """A pipeline from a saved pipeline (`model_index.json`) or a bare `VQGAN3D` (`config.json`),
-    as a local directory or a Hub repo id."""
-    path = Path(name_or_path)
+    """A pipeline from a saved pipeline or a bare `VQGAN3D`, as a local folder or a Hub repo id
+    (`ctpa_vq.model_source.resolve_model`), or from an already resolved `ModelSource`."""
+    source = model if isinstance(model, ModelSource) else resolve_model(model)
     kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
-    if path.is_dir():
-        if (path / "model_index.json").is_file():
-            return CTPAReconstructionPipeline.from_pretrained(path, **kwargs)
-        if (path / "config.json").is_file():
-            return CTPAReconstructionPipeline(VQGAN3D.from_pretrained(path, **kwargs))
-        raise FileNotFoundError(f"{path}: neither a saved pipeline (model_index.json) nor a model (config.json)")
-    name = str(name_or_path)
-    if path.exists() or path.is_absolute() or name.startswith(".") or name.count("/") != 1:
-        raise FileNotFoundError(f"{path}: not a model directory (nor an org/name Hub repo id)")
-    from huggingface_hub import file_exists
-
-    try:
-        has_pipeline = file_exists(name, "model_index.json")
-    except Exception as err:  # offline, unknown repo, no access: all mean this model cannot be had
-        raise FileNotFoundError(f"{name}: no such local directory, and the Hub lookup failed ({err})") from err
-    if has_pipeline:
-        return CTPAReconstructionPipeline.from_pretrained(name, **kwargs)
-    return CTPAReconstructionPipeline(VQGAN3D.from_pretrained(name, **kwargs))
+    if source.is_pipeline:
+        return CTPAReconstructionPipeline.from_pretrained(source.location, **kwargs)
+    return CTPAReconstructionPipeline(VQGAN3D.from_pretrained(source.location, **kwargs))
 
 
 def _three(value, name: str) -> tuple:

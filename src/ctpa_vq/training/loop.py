@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..atomic import atomic_path
 from ..models import VQGAN3D
 from .checkpoints import save_checkpoint
 from .config import TrainConfig, config_to_yaml
@@ -75,7 +76,8 @@ def train(config: TrainConfig, resume: str | None = None) -> TrainResult:
     out = parts.output_dir
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(config_to_yaml(config))
+        with atomic_path(out / "config.yaml") as temporary:
+            temporary.write_text(config_to_yaml(config))
     accelerator.init_trackers("ctpa-vq")
     hub = HubSync(config.hub, out / ".hub-staging", enabled=accelerator.is_main_process)
     resume_training(parts, resolve_resume(resume, out, config.hub, accelerator))
