@@ -54,3 +54,20 @@ def test_batch_script_launches_one_accelerate_per_node_at_the_head_node(tmp_path
         f"--config configs/ctpa_512.yaml --resume latest dataset.path=/shared/data "
         f"training.output_dir={tmp_path / 'out'}"
     )
+
+
+def test_a_long_node_list_does_not_kill_the_script_with_sigpipe(tmp_path):
+    """`set -o pipefail` plus `scontrol ... | head -n 1` died of SIGPIPE (exit 141) whenever `scontrol`
+    was still writing when `head` had left: sometimes with two nodes, always with a long list."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _command(bin_dir, "scontrol", 'printf "10.0.0.5\\n"; for i in $(seq 20000); do echo "node$i"; done')
+    _command(bin_dir, "srun", f'printf "%s\\n" "$@" > {tmp_path}/srun.args')
+    _command(bin_dir, "ctpa-vq", "true")
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "7", "SLURM_NNODES": "2",
+           "SLURM_JOB_NODELIST": "node[1-20000]", "OUTPUT": str(tmp_path / "out")}
+    result = subprocess.run(["bash", str(SCRIPT), "configs/ctpa_512.yaml"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, (result.returncode, result.stderr)
+    config = yaml.safe_load((tmp_path / "out" / "accelerate_7.yaml").read_text())
+    assert config["main_process_ip"] == "10.0.0.5"
