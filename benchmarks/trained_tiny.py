@@ -34,11 +34,9 @@ def trained_tiny(steps: int = 300, seed: int = 0) -> VQGAN3D:
     """The trained model (eval mode), training it on first use."""
     folder = cache_dir() / f"tiny-{steps}-steps-seed{seed}"
     if (folder / "config.json").is_file():
-        model = VQGAN3D.from_pretrained(folder).eval()
-        model.register_to_config(training_patch_size=PATCH)  # a cache saved before the config recorded it
-        return model
+        return VQGAN3D.from_pretrained(folder).eval()
     torch.manual_seed(seed)
-    model = VQGAN3D.from_preset("tiny", training_patch_size=PATCH).train()
+    model = VQGAN3D.from_preset("tiny").train()
     window = tuple(model.config.hu_window)
     volumes = [hu_to_unit(make_phantom((64, 128, 128), seed=seed + i), window) for i in range(6)]
     volumes = [torch.as_tensor(np.asarray(v, dtype=np.float32)) for v in volumes]

@@ -97,47 +97,6 @@ def test_default_grid_runs_a_133_slice_volume_as_one_patch_along_d(tiny):
     assert seen == [(1, 1, 136, 8, 12)]
 
 
-def _encoder_inputs(pipeline: CTPAReconstructionPipeline, volume: np.ndarray, **kwargs) -> list[tuple[int, ...]]:
-    """Shapes of the patches the pipeline feeds the encoder while reconstructing ``volume``."""
-    seen = []
-    hook = pipeline.vqgan.encoder.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape)))
-    try:
-        pipeline(volume, **kwargs)
-    finally:
-        hook.remove()
-    return seen
-
-
-def test_a_model_saved_with_its_training_patch_plans_patches_within_that_many_voxels(tmp_path):
-    """The default budget of a planned patch is the training patch's voxels: patches far larger than
-    those the model was trained on cost PSNR (GroupNorm statistics over the patch)."""
-    torch.manual_seed(0)
-    CTPAReconstructionPipeline(VQGAN3D.from_preset("tiny", training_patch_size=(16, 32, 32))).save_pretrained(tmp_path)
-    pipeline = load_reconstruction_pipeline(tmp_path)
-    pipeline.set_progress_bar_config(disable=True)
-    volume = _phantom((21, 40, 44))
-    seen = _encoder_inputs(pipeline, volume)
-    assert len(seen) > 1 and all(np.prod(shape[2:]) <= 16 * 32 * 32 for shape in seen), seen
-    # Without the field (a model saved before it existed) the volume is one patch, as before.
-    pipeline.vqgan.register_to_config(training_patch_size=None)
-    assert _encoder_inputs(pipeline, volume) == [(1, 1, 24, 40, 44)]
-    # An explicit budget or patch still wins over the training patch.
-    pipeline.vqgan.register_to_config(training_patch_size=(16, 32, 32))
-    assert _encoder_inputs(pipeline, volume, max_patch_voxels=10**6) == [(1, 1, 24, 40, 44)]
-    assert set(_encoder_inputs(pipeline, volume, patch_size=(24, 40, 44))) == {(1, 1, 24, 40, 44)}
-
-
-def test_a_model_config_without_a_training_patch_loads(tmp_path):
-    """Models saved before `training_patch_size` existed load with it None."""
-    import json
-
-    VQGAN3D.from_preset("tiny").save_pretrained(tmp_path)
-    config = json.loads((tmp_path / "config.json").read_text())
-    config.pop("training_patch_size")
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    assert VQGAN3D.from_pretrained(tmp_path).config.training_patch_size is None
-
-
 def test_latent_grid_holds_the_codes_of_the_patch_with_the_nearest_centre(tiny):
     """Default latent route: each latent voxel is the encoding of the patch whose centre is
     nearest (so the quantised grid holds the codes per-patch inference uses), not an average."""

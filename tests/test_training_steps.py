@@ -359,21 +359,6 @@ def test_validation_and_the_best_export_leave_the_model_training(prepared, tmp_p
     assert parts.model.training and parts.model.quantizer.training
 
 
-def test_the_exported_model_plans_within_its_training_patch(prepared, tmp_path):
-    """`best/` records `dataset.patch_size`, so `reconstruct` / `evaluate` of the exported model plan
-    patches of at most that many voxels, as validation did."""
-    from ctpa_vq.pipelines import load_reconstruction_pipeline
-
-    parts = build_training(_config(prepared, tmp_path, "training.validate_every=1"), Accelerator(cpu=True))
-    parts.output_dir.mkdir(parents=True)
-    _take_step(parts, _batch(parts, 2), 0)
-    on_sync(parts, MetricWindow(), MetricsLogger(parts.accelerator, tmp_path / "metrics.csv"), 0, last_step=100)
-    exported = load_reconstruction_pipeline(parts.output_dir / "best")
-    assert tuple(exported.vqgan.config.training_patch_size) == (16, 32, 32)  # dataset.patch_size of _config
-    grid = exported.patch_grid((24, 48, 48))
-    assert len(grid) > 1 and np.prod(grid.patch_size) <= 16 * 32 * 32, grid
-
-
 def test_validation_logs_evaluate_s_body_and_region_figures(prepared, tmp_path):
     config = _config(prepared, tmp_path, "training.validate_every=1")
     parts = build_training(config, Accelerator(cpu=True))

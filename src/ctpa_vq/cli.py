@@ -232,8 +232,7 @@ def _add_grid_options(parser: argparse.ArgumentParser) -> None:
                         help="patch overlap: a fraction in [0, 1) (with --patch only) or a voxel count >= 1 "
                         "(default: 0.25 with --patch, 4 latent voxels = 16 voxels for a planned grid)")
     parser.add_argument("--max-patch-voxels", type=int, default=None,
-                        help="voxels of a planned patch at most (default: the model's training patch's "
-                        "voxels; 128*256*256 = 8388608 for a model that does not record it)")
+                        help="memory budget of a planned patch in voxels (default 128*256*256 = 8388608)")
 
 
 def _add_inference_options(parser: argparse.ArgumentParser) -> None:

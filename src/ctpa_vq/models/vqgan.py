@@ -65,9 +65,6 @@ class VQGAN3D(ModelMixin, ConfigMixin):
         latents_mean / latents_std: per-channel statistics of the continuous latents that a
             downstream diffusion model should standardise with (see `scale_latents`); `None`
             until computed (`ctpa-vq latent-stats`).
-        training_patch_size: the `(D, H, W)` patch the model was trained on (set by training);
-            the pipeline's default budget per planned patch is its voxels. `None` (models saved
-            before the field existed, or not trained by this package): the pipeline's default.
     """
 
     _supports_gradient_checkpointing = True
@@ -93,7 +90,6 @@ class VQGAN3D(ModelMixin, ConfigMixin):
         hu_window: Sequence[float] = DEFAULT_HU_WINDOW,
         latents_mean: Sequence[float] | None = None,
         latents_std: Sequence[float] | None = None,
-        training_patch_size: Sequence[int] | None = None,
     ):
         super().__init__()
         strides = stage_strides(downsample_factor, len(block_out_channels) - 1)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +23,8 @@ VolumeInput = Union[np.ndarray, torch.Tensor, str, os.PathLike, nib.Nifti1Image]
 """A (D, H, W) HU array/tensor in canonical orientation, a NIfTI path, or a nibabel image."""
 
 DEFAULT_MAX_PATCH_VOXELS = 128 * 256 * 256
-"""Budget of a planned patch for a model that does not record its training patch
-(`VQGAN3D.config.training_patch_size`): the voxels of the seeds' patch, which the `ctpa-512`
-model runs in bf16 on one 80 GB GPU and the `tiny` model in about 2 GB on a CPU."""
+"""Memory budget of a planned patch: the voxels of the seeds' patch, which the `ctpa-512` model
+runs in bf16 on one 80 GB GPU and the `tiny` model in about 2 GB on a CPU."""
 SEAM_FREE_LATENT_OVERLAP = 4
 """Latent voxels neighbouring planned patches share (16 pixels at 4x downsampling): the smallest
 overlap at which a trained `tiny` model's patch-wise output shows no seam (benchmarks/planner.py)."""
@@ -70,9 +68,8 @@ def _inference(method):
 class CTPAReconstructionPipeline(DiffusionPipeline):
     r"""Reconstruct whole CT volumes with a `VQGAN3D` from overlapping, blended patches.
 
-    The patch grid is planned per volume (`patch_grid`): the fewest voxels run with patches no
-    larger (in voxels) than the model's training patch, neighbours sharing 16 voxels, patches
-    aligned to the downsampling factor.
+    The patch grid is planned per volume (`patch_grid`): the fewest voxels run within a memory
+    budget per patch, neighbours sharing 16 voxels, patches aligned to the downsampling factor.
 
     Two routes, both running each patch through the encoder once and the decoder once:
 
@@ -130,14 +127,6 @@ class CTPAReconstructionPipeline(DiffusionPipeline):
     def factor(self) -> tuple[int, int, int]:
         return tuple(int(f) for f in self.vqgan.config.downsample_factor)
 
-    @property
-    def default_max_patch_voxels(self) -> int:
-        """Budget of a planned patch: the voxels of the model's training patch, else
-        `DEFAULT_MAX_PATCH_VOXELS`. Larger patches than the model was trained on cost PSNR
-        (GroupNorm statistics over the patch; see BENCHMARKS.md, planner)."""
-        patch = self.vqgan.config.get("training_patch_size")
-        return math.prod(int(p) for p in patch) if patch else DEFAULT_MAX_PATCH_VOXELS
-
     # ----------------------------------------------------------------------------- inputs
 
     @staticmethod
@@ -181,9 +170,8 @@ class CTPAReconstructionPipeline(DiffusionPipeline):
         """The pixel-space patch grid for a `(D, H, W)` volume, aligned to the downsampling factor.
 
         Planned (the default, `patch_size=None`): the grid that runs the fewest voxels with at
-        most `max_patch_voxels` (default `default_max_patch_voxels`: the training patch's) per
-        patch and `overlap` voxels (default `SEAM_FREE_LATENT_OVERLAP` latent voxels) shared by
-        neighbours; see
+        most `max_patch_voxels` (default `DEFAULT_MAX_PATCH_VOXELS`) per patch and `overlap`
+        voxels (default `SEAM_FREE_LATENT_OVERLAP` latent voxels) shared by neighbours; see
         `ctpa_vq.patching.plan_grid`. Explicit: `patch_size` with `overlap` (fraction or voxels,
         default 0.25), patches shrunk to the volume (rounded up to the factor).
         """
@@ -193,7 +181,7 @@ class CTPAReconstructionPipeline(DiffusionPipeline):
                 overlap = [SEAM_FREE_LATENT_OVERLAP * f for f in self.factor]
             if any(isinstance(o, float) for o in _three(overlap, "overlap")):
                 raise ValueError(f"a planned grid takes its overlap in voxels (an int), got {overlap}")
-            budget = self.default_max_patch_voxels if max_patch_voxels is None else int(max_patch_voxels)
+            budget = DEFAULT_MAX_PATCH_VOXELS if max_patch_voxels is None else int(max_patch_voxels)
             return plan_grid(shape, budget, overlap, align=self.factor)
         patch = tuple(
             min(int(p), -(-int(n) // f) * f) for p, n, f in zip(_three(patch_size, "patch_size"), shape, self.factor)
@@ -350,8 +338,7 @@ class CTPAReconstructionPipeline(DiffusionPipeline):
             batch_size: patches per model call.
             return_latents: also return the latent grid and its code indices.
             output_type: `"np"` or `"pt"` for the reconstruction.
-            max_patch_voxels: voxels of a planned patch at most (default `default_max_patch_voxels`:
-                the model's training patch).
+            max_patch_voxels: memory budget of a planned patch (default `DEFAULT_MAX_PATCH_VOXELS`).
             latent_blend: how encoded patches combine into the latent grid, see `encode_volume`.
             route: `"per-patch"` (default): each patch is encoded, quantised and decoded on its
                 own and the decoded patches blended (the latent grid is kept on the way, at no

@@ -126,10 +126,7 @@ def build_training(config: TrainConfig, accelerator: Accelerator | None = None) 
     configure_backends(config.training, accelerator.device)
     set_seed(config.training.seed, device_specific=True)
     train_volumes, val_volumes = volume_stores(config, accelerator)
-    # The model records its training patch: inference plans patches within its voxels by default.
-    model = VQGAN3D.from_preset(
-        config.model.preset, **{"training_patch_size": tuple(config.dataset.patch_size), **config.model.overrides}
-    )
+    model = VQGAN3D.from_preset(config.model.preset, **config.model.overrides)
     if config.model.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     dataset = RandomPatchDataset(
