@@ -137,13 +137,15 @@ def plan_grid(
     max_patch_voxels: int,
     overlap: int | Sequence[int] = 0,
     align: int | Sequence[int] = 1,
+    keep_whole: Sequence[int] = (),
 ) -> PatchGrid:
     """The patch grid that runs the fewest voxels through a model, within a memory budget per patch.
 
     Per axis, ``n`` patches overlapping by ``overlap`` voxels need patches of at least
     ``(L + (n - 1) * overlap) / n`` (``L``: the axis rounded up to ``align``), rounded up to
     ``align``; one patch needs no overlap at all. Of all per-axis choices whose patch holds at
-    most ``max_patch_voxels``, the one with the fewest voxels run wins (ties: fewer patches).
+    most ``max_patch_voxels``, the one with the fewest voxels run wins (ties: fewer patches, then
+    fewer patches along ``keep_whole[0]``, then ``keep_whole[1]``, ...).
     E.g. 133 x 512 x 512 with align 4 fits one 136-deep patch along D when the budget allows.
 
     Args:
@@ -152,6 +154,7 @@ def plan_grid(
         overlap: per axis, voxels that neighbouring patches must share (rounded up to ``align``).
         align: per axis, the multiple that patch sizes and origins must respect (a model's
             downsampling factor).
+        keep_whole: axes to cut last among equally cheap grids, the one to keep whole first.
     """
     shape = tuple(int(s) for s in volume_shape)
     ndim = len(shape)
@@ -160,13 +163,14 @@ def plan_grid(
     if min(shape, default=0) < 1 or min(aligns) < 1 or min(overlaps) < 0:
         raise ValueError(f"need a positive volume shape {shape}, align {aligns} and non-negative overlap {overlaps}")
     options = [_axis_options(-(-s // a) * a, o, a) for s, o, a in zip(shape, overlaps, aligns)]
-    best: tuple[int, int, tuple[int, ...]] | None = None
+    best: tuple | None = None
     for choice in itertools.product(*options):
         voxels = math.prod(p for _, p in choice)
         if voxels > max_patch_voxels:
             continue
         work = math.prod(w for w, _ in choice)
-        key = (work, -voxels, tuple(p for _, p in choice))
+        counts = [w // p for w, p in choice]
+        key = (work, -voxels, *(counts[axis] for axis in keep_whole), tuple(p for _, p in choice))
         if best is None or key < best:
             best = key
     if best is None:
@@ -176,4 +180,5 @@ def plan_grid(
             f"and align {aligns}: the smallest patch holds {smallest} voxels"
         )
     lengths = [-(-s // a) * a for s, a in zip(shape, aligns)]
-    return PatchGrid(shape, best[2], [o if p < n else 0 for o, p, n in zip(overlaps, best[2], lengths)], aligns)
+    patch = best[-1]
+    return PatchGrid(shape, patch, [o if p < n else 0 for o, p, n in zip(overlaps, patch, lengths)], aligns)
