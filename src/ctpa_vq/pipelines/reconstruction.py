@@ -177,7 +177,8 @@ class CTPAReconstructionPipeline(DiffusionPipeline):
 
         Planned (the default, `patch_size=None`): the grid that runs the fewest voxels with at
         most `max_patch_voxels` (default `DEFAULT_MAX_PATCH_VOXELS`) per patch and `overlap`
-        voxels (default `SEAM_FREE_LATENT_OVERLAP` latent voxels) shared by neighbours; see
+        voxels (default `SEAM_FREE_LATENT_OVERLAP` latent voxels) shared by neighbours, cut
+        along W before D before H when grids cost the same (`KEEP_WHOLE_AXES`); see
         `ctpa_vq.patching.plan_grid`. Explicit: `patch_size` with `overlap` (fraction or voxels,
         default 0.25), patches shrunk to the volume (rounded up to the factor).
         """
