@@ -14,6 +14,9 @@ Sections (all by default; each prints its own table):
                      freed memory kept (`keep_freed_memory`, as `ctpa-vq` does)
             today    the previous defaults: fixed grid, latent-grid route, gaussian blend, glibc defaults
             monai    monai.inferers.sliding_window_inference, the fixed patch, gaussian, glibc defaults
+  real    the two real chest CTs of benchmarks/real_ct.py (lung1 48x512x512, lung2 61x512x512)
+          through the trained `tiny` model with several grids and routes (`REAL_VARIANTS`):
+          work multiplier, CPU seconds, PSNR/SSIM over the volume and the body, MAE in the body.
   routes  PSNR of the reconstruction routes on a 133x160x160 phantom: per-patch vs latent grid
           (nearest codes or blended latents), with the planned grid and with 27 patches of 64^3.
   seams   the smallest seam-free overlap: a trained model's patch-wise output minus its
@@ -22,6 +25,7 @@ Sections (all by default; each prints its own table):
     python benchmarks/planner.py                         # all sections, 61x512x512 timed
     python benchmarks/planner.py --sections time --volume 133 512 512 --methods planned
     python benchmarks/planner.py --sections work routes
+    python benchmarks/planner.py --sections real --real lung1 --variants "planned (default)" "old default"
 """
 
 from __future__ import annotations
@@ -40,12 +44,13 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from trained_tiny import trained_tiny  # noqa: E402
+from trained_tiny import PATCH as TRAINING_PATCH, trained_tiny  # noqa: E402
 
 from ctpa_vq.data.phantom import make_phantom  # noqa: E402
 from ctpa_vq.intensity import hu_to_unit  # noqa: E402
-from ctpa_vq.patching import PatchGrid, PatchStitcher  # noqa: E402
+from ctpa_vq.patching import PatchGrid, PatchStitcher, plan_grid  # noqa: E402
 from ctpa_vq.pipelines import CTPAReconstructionPipeline  # noqa: E402
+from ctpa_vq.pipelines.reconstruction import DEFAULT_MAX_PATCH_VOXELS  # noqa: E402
 
 FIXED_PATCH = (128, 256, 256)
 FACTOR = (4, 4, 4)
@@ -187,6 +192,58 @@ def routes_table() -> None:
                   + ", ".join(f"{name} {value:.3f}" for name, value in scores.items()))
 
 
+# ----------------------------------------------------------------------------- real
+
+REAL_VARIANTS = {
+    "planned (default)": {},
+    "planned, cut front-back": "front-back",
+    "planned, training patch's voxels": dict(max_patch_voxels=math.prod(TRAINING_PATCH)),
+    "planned, overlap 64": dict(overlap=64),
+    "fixed 128x256x256 25%, per-patch": dict(patch_size=FIXED_PATCH, overlap=0.25),
+    "old default": dict(patch_size=FIXED_PATCH, overlap=0.25, blend="gaussian", route="latent-grid",
+                        latent_blend="gaussian"),
+    "one patch": dict(max_patch_voxels=10**10),
+}
+"""The grids and routes scored on the real CTs. "old default": the pipeline's default before the
+planner (fixed (128, 256, 256) patches at 25%, gaussian, the latent-grid route with blended
+latents); "cut front-back": the plan before it kept H whole among equally cheap grids;
+"training patch's voxels": the budget of the patch the model was trained on."""
+
+
+def _real_options(variant: str, shape) -> dict:
+    options = REAL_VARIANTS[variant]
+    if options == "front-back":  # the cheapest plan, ties broken by patch size alone (H cut before W)
+        grid = plan_grid(shape, DEFAULT_MAX_PATCH_VOXELS, 16, FACTOR)
+        return dict(patch_size=grid.patch_size, overlap=16)
+    return options
+
+
+def real_table(names, variants) -> None:
+    from real_ct import load_real_ct
+
+    from ctpa_vq.metrics import reconstruction_metrics
+
+    pipeline = _pipeline()
+    print(f"\nreal chest CTs (benchmarks/real_ct.py), trained tiny model (training patch {TRAINING_PATCH}); "
+          f"HU over {pipeline.window}; "
+          f"{torch.get_num_threads()} threads; CPU s = user + system of this process")
+    print(f"{'volume':>6s} {'variant':>42s} {'work':>5s} {'CPU s':>6s} {'PSNR':>6s} {'SSIM':>6s} "
+          f"{'bodyPSNR':>8s} {'bodySSIM':>8s} {'MAE body':>8s}   plan")
+    for name in names:
+        hu = load_real_ct(name).hu
+        for variant in variants:
+            options = _real_options(variant, hu.shape)
+            grid_options = {k: v for k, v in options.items() if k in ("patch_size", "overlap", "max_patch_voxels")}
+            grid = pipeline.patch_grid(hu.shape, **grid_options)
+            start = time.process_time()
+            with torch.inference_mode():
+                out = pipeline(hu, **options).reconstruction
+            cpu = time.process_time() - start
+            m = reconstruction_metrics(out, hu, pipeline.window)
+            print(f"{name:>6s} {variant:>42s} {grid.work_multiplier:5.2f} {cpu:6.0f} {m.psnr:6.2f} {m.ssim:6.3f} "
+                  f"{m.body_psnr:8.2f} {m.body_ssim:8.3f} {m.mae['body']:8.1f}   {grid.describe()}", flush=True)
+
+
 # ----------------------------------------------------------------------------- seams
 
 
@@ -230,11 +287,14 @@ def seams_table() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sections", nargs="+", default=["work", "time", "routes", "seams"],
-                        choices=["work", "time", "routes", "seams"])
+    parser.add_argument("--sections", nargs="+", default=["work", "time", "real", "routes", "seams"],
+                        choices=["work", "time", "real", "routes", "seams"])
     parser.add_argument("--volume", type=int, nargs=3, default=[61, 512, 512], metavar=("D", "H", "W"))
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
                         help="methods of the time section (the floor is always run)")
+    parser.add_argument("--real", nargs="+", default=["lung1", "lung2"], help="real volumes of the real section")
+    parser.add_argument("--variants", nargs="+", choices=list(REAL_VARIANTS), default=list(REAL_VARIANTS),
+                        help="grids and routes of the real section")
     parser.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -245,6 +305,8 @@ def main() -> None:
         work_table()
     if "time" in args.sections:
         time_table(tuple(args.volume), ["floor"] + [m for m in args.methods if m != "floor"])
+    if "real" in args.sections:
+        real_table(args.real, args.variants)
     if "routes" in args.sections:
         routes_table()
     if "seams" in args.sections:

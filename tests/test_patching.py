@@ -104,6 +104,19 @@ def test_planned_grid_is_the_cheapest_grid():
     assert len(planned) * math.prod(planned.patch_size) == cheapest
 
 
+def test_planned_grid_keeps_the_given_axes_whole_among_equally_cheap_grids():
+    """48x512x512 in 48x264x512 or 48x512x264 halves runs the same voxels; the plan cuts the axis
+    not named in ``keep_whole`` (W) and keeps H whole; without it either cut is cheapest."""
+    shape, budget = (48, 512, 512), 48 * 264 * 512
+    cut_w = plan_grid(shape, budget, 16, 4, keep_whole=(1, 0))
+    assert (cut_w.grid_shape, cut_w.patch_size) == ((1, 1, 2), (48, 512, 264))
+    cut_h = plan_grid(shape, budget, 16, 4, keep_whole=(2, 0))
+    assert (cut_h.grid_shape, cut_h.patch_size) == ((1, 2, 1), (48, 264, 512))
+    assert cut_w.work_multiplier == cut_h.work_multiplier == plan_grid(shape, budget, 16, 4).work_multiplier
+    # H before D: 604x512x512 within the 128x256x256 budget is cut 3 x 2 x 4, not 3 x 4 x 2.
+    assert plan_grid((604, 512, 512), CTPA_BUDGET, 16, 4, keep_whole=(1, 0)).grid_shape == (3, 2, 4)
+
+
 def test_plan_rejects_a_budget_nothing_fits():
     with pytest.raises(ValueError, match="voxels per patch"):
         plan_grid((64, 64, 64), 100, 8, 4)

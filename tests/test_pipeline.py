@@ -98,6 +98,13 @@ def test_default_grid_runs_a_133_slice_volume_as_one_patch_along_d(tiny):
     assert seen == [(1, 1, 136, 8, 12)]
 
 
+def test_planned_patches_are_cut_left_right_before_front_back(tiny):
+    """Among equally cheap grids the pipeline keeps H (anterior-posterior) whole and cuts W
+    (left-right): halves of a body along W hold alike tissue, so alike GroupNorm statistics."""
+    grid = tiny.patch_grid((48, 512, 512))
+    assert (grid.grid_shape, grid.patch_size) == ((1, 1, 2), (48, 512, 264))
+
+
 def test_latent_grid_holds_the_codes_of_the_patch_with_the_nearest_centre(tiny):
     """Default latent route: each latent voxel is the encoding of the patch whose centre is
     nearest (so the quantised grid holds the codes per-patch inference uses), not an average."""
