@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 from pathlib import Path
 
@@ -49,7 +48,7 @@ def validate(
             overlap=config.training.val_overlap,
             blend=config.training.val_blend,
             batch_size=config.training.val_batch_size,
-            max_patch_voxels=config.training.val_max_patch_voxels or math.prod(config.dataset.patch_size),
+            max_patch_voxels=config.training.val_max_patch_voxels,
         )
         scores.append((index, score))
         counts += torch.bincount(result.indices.flatten().cpu(), minlength=counts.numel()).double()
