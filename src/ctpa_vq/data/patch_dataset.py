@@ -177,20 +177,24 @@ class RandomPatchDataset(torch.utils.data.Dataset):
 
     def patch_origin(self, index: int) -> tuple[int, Shape3]:
         """(volume index, (d, h, w) origin) of item ``index`` in the current epoch."""
+        volume_index, origin = self._choose(index)
+        return volume_index, tuple(origin.tolist())
+
+    def _choose(self, index: int) -> tuple[int, np.ndarray]:
+        """(volume index, its row of the epoch's candidates: the (3,) int64 origin) of item ``index``."""
         if not 0 <= index < len(self):
             raise IndexError(f"patch index {index} out of range [0, {len(self)})")
         volume_index = index % len(self.volumes)
-        candidates = self._candidates[index].tolist()
+        candidates = self._candidates[index]
         if len(candidates) == 1:
-            return volume_index, tuple(candidates[0])
-        best, best_fraction = None, -1.0
-        for origin in candidates:
+            return volume_index, candidates[0]
+        fractions = []
+        for k, origin in enumerate(candidates.tolist()):
             fraction = self._foreground_fraction(volume_index, origin)
             if fraction >= self.min_foreground_fraction:
-                return volume_index, tuple(origin)
-            if fraction > best_fraction:
-                best, best_fraction = origin, fraction
-        return volume_index, tuple(best)
+                return volume_index, candidates[k]
+            fractions.append(fraction)
+        return volume_index, candidates[int(np.argmax(fractions))]  # the first with the most foreground
 
     def _foreground_fraction(self, volume_index: int, origin: Shape3) -> float:
         """Foreground fraction on a sparse probe: 8 slices x 16 image rows, every 4th voxel of a row.
@@ -204,14 +208,14 @@ class RandomPatchDataset(torch.utils.data.Dataset):
         return np.count_nonzero(probe > self.foreground_hu) / probe.size
 
     def __getitem__(self, index: int) -> dict:
-        volume_index, origin = self.patch_origin(index)
-        patch = self.volumes.volume(volume_index)[_slices(origin, self.patch_size)]
+        volume_index, origin = self._choose(index)
+        patch = self.volumes.volume(volume_index)[_slices(origin.tolist(), self.patch_size)]
         return {
             "hu": torch.from_numpy(np.array(patch)[None]),  # one copy out of the memory map
             "patient_id": self.volumes.patient_ids[volume_index],
             "index": index,
             "volume_index": volume_index,
-            "origin": torch.tensor(origin, dtype=torch.long),
+            "origin": torch.from_numpy(origin.copy()),  # (3,) int64; cheaper than torch.tensor(tuple)
         }
 
 
