@@ -10,13 +10,16 @@ from the page cache (``posix_fadvise(DONTNEED)``):
   the int16 HU patch copied out of the memory-mapped Arrow buffer), the thing training uses;
 * ``store``: the same final slices copied as int16 (the storage path alone);
 * ``raw``: ``np.load(mmap_mode="r")`` of a plain ``.npy`` copy of the same volumes, the same
-  final patches copied as int16: the limit on this machine.
+  final patches copied as int16: the limit on this machine (and ``raw_huge_pages``, below).
 
 Each reads the same patches cold (first read, from disk) and then warm (page cache, best of 3).
-The headline ratio, dataset vs raw warm, comes from one more process that reads each patch with
-the two readers in turn and counts CPU time (``time.thread_time``), so both see the same load on
-a shared machine and time spent descheduled is left out (median over 10 passes, order flipped
-every pass).
+The headline ratio, dataset vs raw warm, comes from ``--repeats`` more processes that each read
+every patch with the readers in turn and count CPU time (``time.thread_time``), so all see the
+same load on a shared machine and time spent descheduled is left out. Besides ``dataset`` and
+``raw`` they run ``raw_huge_pages``: the raw memmap advised 2 MB pages as the dataset's volumes
+are (:mod:`ctpa_vq.data.huge_pages`), the like-for-like limit. The order of the readers cycles
+through all permutations (which reader ran just before matters: a 16.8 MB copy leaves the caches
+cold for the next), 12 passes per process; the figure is the median over all passes.
 "Bytes read per patch" is the kernel's ``read_bytes`` (``/proc/self/io``: bytes fetched from
 storage) over the cold pass divided by the number of patches; it includes the kernel's
 read-ahead, so it is compared with the patch size, with the bytes the patch spans in the
@@ -31,6 +34,7 @@ after reading the same number of patches from ``--rss-volumes`` and from ``--vol
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -45,7 +49,8 @@ from pathlib import Path
 import numpy as np
 
 MODES = ("dataset", "store", "raw")
-WARM_PASSES = 10
+INTERLEAVED = ("dataset", "raw", "raw_huge_pages")
+WARM_PASSES = 12  # twice each order of the three interleaved readers
 
 
 def main() -> None:
@@ -55,6 +60,7 @@ def main() -> None:
     parser.add_argument("--shape", type=int, nargs=3, default=(604, 512, 512), metavar=("D", "H", "W"))
     parser.add_argument("--patch", type=int, nargs=3, default=(128, 256, 256), metavar=("D", "H", "W"))
     parser.add_argument("--patches", type=int, default=48, help="patches read per measurement")
+    parser.add_argument("--repeats", type=int, default=3, help="processes measuring the readers interleaved")
     parser.add_argument("--config", default=str(Path(__file__).resolve().parents[1] / "configs" / "ctpa_512.yaml"),
                         help="recipe whose dataset.min_foreground_fraction the dataset samples with")
     parser.add_argument("--workdir", default=None, help="parent of the temporary directory (default: system temp)")
@@ -68,7 +74,7 @@ def main() -> None:
         parser.error("--rss-volumes must not exceed --volumes")
 
     volume_bytes = 2 * math.prod(args.shape)
-    needed = volume_bytes * (2 * args.volumes + 2 * args.rss_volumes) * 1.1
+    needed = volume_bytes * (2 * args.volumes + 3 * args.rss_volumes) * 1.1
     parent = Path(args.workdir or tempfile.gettempdir())
     free = shutil.disk_usage(parent).free
     if free < needed:
@@ -101,7 +107,7 @@ def _run(args: argparse.Namespace, work: Path, volume_bytes: int) -> None:
     print(f"setup (write, prepare, raw copies): {time.perf_counter() - start:.0f} s")
 
     results = {mode: _spawn(args, mode, work / "ds_small", work) for mode in MODES}
-    interleaved = _spawn(args, "interleaved", work / "ds_small", work)
+    interleaved = [_spawn(args, "interleaved", work / "ds_small", work) for _ in range(args.repeats)]
     rss = {n: _spawn(args, "dataset", work / d, work) for n, d in
            ((args.rss_volumes, "ds_small"), (args.volumes, "ds_all"))}
 
@@ -132,11 +138,17 @@ def _report(args, results, interleaved, rss, setup, patch_bytes, volume_bytes) -
     small, large = rss.values()
     print(f"RSS ratio {args.volumes} / {args.rss_volumes} volumes: peak {large['vm_hwm'] / small['vm_hwm']:.2f}, "
           f"anonymous {large['rss_anon'] / small['rss_anon']:.2f}")
-    ratios = sorted(p["raw"] / p["dataset"] for p in interleaved["passes"])
-    fastest = min(interleaved["passes"], key=lambda p: p["raw"])
-    print(f"dataset warm rate / raw warm rate, item by item in one process, CPU time: median "
-          f"{statistics.median(ratios):.2f} over {len(ratios)} passes (range {ratios[0]:.2f}-{ratios[-1]:.2f}; "
-          f"fastest pass {args.patches / fastest['dataset']:.0f} vs {args.patches / fastest['raw']:.0f} patches/s)")
+    passes = [p for run in interleaved for p in run["passes"]]
+    for limit in ("raw", "raw_huge_pages"):
+        ratios = sorted(p[limit] / p["dataset"] for p in passes)
+        per_process = ", ".join(f"{statistics.median(p[limit] / p['dataset'] for p in run['passes']):.2f}"
+                                for run in interleaved)
+        print(f"dataset warm rate / {limit} warm rate, item by item, CPU time: median {statistics.median(ratios):.2f} "
+              f"over {len(ratios)} passes in {len(interleaved)} processes (range {ratios[0]:.2f}-{ratios[-1]:.2f}; "
+              f"per process {per_process})")
+    fastest = min(passes, key=lambda p: p["raw"])
+    print(f"fastest pass: dataset {args.patches / fastest['dataset']:.0f}, raw {args.patches / fastest['raw']:.0f}, "
+          f"raw_huge_pages {args.patches / fastest['raw_huge_pages']:.0f} patches/s")
     print(f"separate processes: warm {raw_warm / results['dataset']['warm_s']:.2f}, "
           f"cold {results['raw']['cold_s'] / results['dataset']['cold_s']:.2f}; "
           f"store (storage path) / raw warm: {raw_warm / results['store']['warm_s']:.2f}")
@@ -154,19 +166,20 @@ def _child(args: argparse.Namespace) -> dict:
     from ctpa_vq.data.patch_dataset import VolumeStore
 
     work, data = Path(args.workdir), Path(args.data)
-    raw_dir = work / "raw"
+    raw_dirs = {mode: work / mode for mode in ("raw", "raw_huge_pages")}  # a file each: they share no page cache
     if args.child == "setup":
         store = VolumeStore.from_disk(data)
-        raw_dir.mkdir(exist_ok=True)
-        for i in range(len(store)):
-            np.save(raw_dir / f"{i}.npy", store.volume(i))
+        for raw_dir in raw_dirs.values():
+            raw_dir.mkdir(exist_ok=True)
+            for i in range(len(store)):
+                np.save(raw_dir / f"{i}.npy", store.volume(i))
         dataset = _patch_dataset(store, args)
         origins = [dataset.patch_origin(i) for i in range(args.patches)]
         (work / "origins.json").write_text(json.dumps(origins))
         return {"touched_bytes": _spanned_page_bytes(store.shapes[0], origins[0][1], args.patch),
                 "min_foreground_fraction": dataset.min_foreground_fraction}
 
-    for path in list(data.rglob("*.arrow")) + list(raw_dir.glob("*.npy")):
+    for path in [*data.rglob("*.arrow"), *raw_dirs["raw"].glob("*.npy"), *raw_dirs["raw_huge_pages"].glob("*.npy")]:
         _evict(path)
     origins = [(v, tuple(o)) for v, o in json.loads((work / "origins.json").read_text())]
 
@@ -177,23 +190,25 @@ def _child(args: argparse.Namespace) -> dict:
         return time.perf_counter() - start
 
     if args.child == "interleaved":
-        # Warm only, item by item and in CPU time: the two readers see the same machine load, and
-        # time spent descheduled on a shared machine is not counted. The order flips every pass.
-        readers = {mode: _reader(mode, args, data, raw_dir, origins) for mode in ("dataset", "raw")}
+        # Warm only, item by item and in CPU time: the readers see the same machine load, and
+        # time spent descheduled on a shared machine is not counted. The order cycles through
+        # all permutations, so each reader follows each other one equally often.
+        readers = {mode: _reader(mode, args, data, raw_dirs.get(mode), origins) for mode in INTERLEAVED}
         for read in readers.values():
             timed_pass(read)  # warms the page cache
+        orders = list(itertools.permutations(readers))
         passes = []
         for n in range(WARM_PASSES):
             spent = dict.fromkeys(readers, 0.0)
             for i in range(args.patches):
-                for mode in list(readers)[:: 1 if n % 2 else -1]:
+                for mode in orders[n % len(orders)]:
                     start = time.thread_time()
                     readers[mode](i)
                     spent[mode] += time.thread_time() - start
             passes.append(spent)
         return {"passes": passes}
 
-    read = _reader(args.child, args, data, raw_dir, origins)
+    read = _reader(args.child, args, data, raw_dirs.get(args.child), origins)
     read_bytes_before = _proc_io()["read_bytes"]
     timings = {"cold_s": timed_pass(read), "read_bytes": _proc_io()["read_bytes"] - read_bytes_before}
     timings["warm_s"] = min(timed_pass(read) for _ in range(3))  # best of 3: the machine is shared
@@ -201,7 +216,7 @@ def _child(args: argparse.Namespace) -> dict:
     return {**timings, "vm_hwm": status["VmHWM"], "rss_anon": status["RssAnon"], "rss_file": status["RssFile"]}
 
 
-def _reader(mode: str, args: argparse.Namespace, data: Path, raw_dir: Path, origins: list):
+def _reader(mode: str, args: argparse.Namespace, data: Path, raw_dir: Path | None, origins: list):
     """Item i of the measured reader: the dataset draws its own positions, the others read `origins`."""
     from ctpa_vq.data.patch_dataset import VolumeStore
 
@@ -212,6 +227,11 @@ def _reader(mode: str, args: argparse.Namespace, data: Path, raw_dir: Path, orig
         store = VolumeStore.from_disk(data)
         return lambda i: np.array(store.volume(origins[i][0])[_slices(origins[i][1], args.patch)])
     volumes = [np.load(raw_dir / f"{i}.npy", mmap_mode="r") for i in range(len(list(raw_dir.glob("*.npy"))))]
+    if mode == "raw_huge_pages":
+        from ctpa_vq.data.huge_pages import advise_huge_pages
+
+        for volume in volumes:
+            advise_huge_pages(volume)
     return lambda i: np.array(volumes[origins[i][0]][_slices(origins[i][1], args.patch)])
 
 

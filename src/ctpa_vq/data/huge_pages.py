@@ -2,12 +2,12 @@
 
 Copying a 128x256x256 patch out of a memory-mapped volume walks 64 MB of the file in 512-byte
 rows; with 4 KB page-table entries the copy spends a good part of its time on TLB misses.
-pyarrow maps Arrow files ``MAP_PRIVATE``, and on Linux such a mapping of a file's page cache is
-rarely mapped with 2 MB entries unless asked; with the advice (and a file system whose page cache
-holds large folios, e.g. ext4 or XFS on a recent kernel) it is. It changes nothing about what is
+pyarrow maps Arrow files ``MAP_PRIVATE``, and Linux mostly mapped them with 4 KB entries in the
+benchmark; with the advice (and a file system whose page cache holds large folios, e.g. ext4 or
+XFS on a recent kernel) the pages are mapped with 2 MB entries. It changes nothing about what is
 read from disk, only how the pages are mapped: on the benchmark's volumes, copying a patch got
-about 10 % faster (BENCHMARKS.md, "Data throughput"). Where the advice is not supported
-(not Linux, or no transparent huge pages), nothing changes.
+10-20 % faster (BENCHMARKS.md, "Data throughput"). Where the advice is not supported (not
+Linux, or no transparent huge pages), nothing changes.
 """
 
 from __future__ import annotations
