@@ -7,7 +7,8 @@ from the page cache (``posix_fadvise(DONTNEED)``):
 
 * ``dataset``: ``RandomPatchDataset[i]`` on the configured sampling path (the position draws,
   each with its foreground probe, at ``dataset.min_foreground_fraction`` of ``--config``, then
-  the int16 HU patch copied out of the memory-mapped Arrow buffer), the thing training uses;
+  the int16 HU patch copied out of the memory-mapped Arrow buffer), the thing training uses
+  (the interleaved measurement below also runs the default path, no foreground steering);
 * ``store``: the same final slices copied as int16 (the storage path alone);
 * ``raw``: ``np.load(mmap_mode="r")`` of a plain ``.npy`` copy of the same volumes, the same
   final patches copied as int16: the limit on this machine (and ``raw_huge_pages``, below).
@@ -19,7 +20,8 @@ same load on a shared machine and time spent descheduled is left out. Besides ``
 ``raw`` they run ``raw_huge_pages``: the raw memmap advised 2 MB pages as the dataset's volumes
 are (:mod:`ctpa_vq.data.huge_pages`), the like-for-like limit. The order of the readers cycles
 through all permutations (which reader ran just before matters: a 16.8 MB copy leaves the caches
-cold for the next), 12 passes per process; the figure is the median over all passes.
+cold for the next), 12 passes per process; the figure is the median over all passes. It is
+measured for both sampling paths, each against the raw copies of its own patches.
 "Bytes read per patch" is the kernel's ``read_bytes`` (``/proc/self/io``: bytes fetched from
 storage) over the cold pass divided by the number of patches; it includes the kernel's
 read-ahead, so it is compared with the patch size, with the bytes the patch spans in the
@@ -49,6 +51,7 @@ from pathlib import Path
 import numpy as np
 
 MODES = ("dataset", "store", "raw")
+SAMPLINGS = ("configured", "default")  # min_foreground_fraction of --config, and 0
 INTERLEAVED = ("dataset", "raw", "raw_huge_pages")
 WARM_PASSES = 12  # twice each order of the three interleaved readers
 
@@ -66,6 +69,7 @@ def main() -> None:
     parser.add_argument("--workdir", default=None, help="parent of the temporary directory (default: system temp)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--data", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--sampling", default="configured", choices=SAMPLINGS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(_child(args)))
@@ -107,7 +111,8 @@ def _run(args: argparse.Namespace, work: Path, volume_bytes: int) -> None:
     print(f"setup (write, prepare, raw copies): {time.perf_counter() - start:.0f} s")
 
     results = {mode: _spawn(args, mode, work / "ds_small", work) for mode in MODES}
-    interleaved = [_spawn(args, "interleaved", work / "ds_small", work) for _ in range(args.repeats)]
+    interleaved = {sampling: [_spawn(args, "interleaved", work / "ds_small", work, sampling)
+                              for _ in range(args.repeats)] for sampling in SAMPLINGS}
     rss = {n: _spawn(args, "dataset", work / d, work) for n, d in
            ((args.rss_volumes, "ds_small"), (args.volumes, "ds_all"))}
 
@@ -138,26 +143,30 @@ def _report(args, results, interleaved, rss, setup, patch_bytes, volume_bytes) -
     small, large = rss.values()
     print(f"RSS ratio {args.volumes} / {args.rss_volumes} volumes: peak {large['vm_hwm'] / small['vm_hwm']:.2f}, "
           f"anonymous {large['rss_anon'] / small['rss_anon']:.2f}")
-    passes = [p for run in interleaved for p in run["passes"]]
-    for limit in ("raw", "raw_huge_pages"):
-        ratios = sorted(p[limit] / p["dataset"] for p in passes)
-        per_process = ", ".join(f"{statistics.median(p[limit] / p['dataset'] for p in run['passes']):.2f}"
-                                for run in interleaved)
-        print(f"dataset warm rate / {limit} warm rate, item by item, CPU time: median {statistics.median(ratios):.2f} "
-              f"over {len(ratios)} passes in {len(interleaved)} processes (range {ratios[0]:.2f}-{ratios[-1]:.2f}; "
-              f"per process {per_process})")
-    fastest = min(passes, key=lambda p: p["raw"])
-    print(f"fastest pass: dataset {args.patches / fastest['dataset']:.0f}, raw {args.patches / fastest['raw']:.0f}, "
-          f"raw_huge_pages {args.patches / fastest['raw_huge_pages']:.0f} patches/s")
+    for sampling, runs in interleaved.items():
+        fraction = setup["min_foreground_fraction"] if sampling == "configured" else 0.0
+        print(f"{sampling} sampling path (min_foreground_fraction {fraction}), item by item, CPU time:")
+        passes = [p for run in runs for p in run["passes"]]
+        for limit in ("raw", "raw_huge_pages"):
+            ratios = sorted(p[limit] / p["dataset"] for p in passes)
+            per_process = ", ".join(f"{statistics.median(p[limit] / p['dataset'] for p in run['passes']):.2f}"
+                                    for run in runs)
+            print(f"  dataset warm rate / {limit} warm rate: median {statistics.median(ratios):.2f} over "
+                  f"{len(ratios)} passes in {len(runs)} processes (range {ratios[0]:.2f}-{ratios[-1]:.2f}; "
+                  f"per process {per_process})")
+        fastest = min(passes, key=lambda p: p["raw"])
+        print(f"  fastest pass: dataset {args.patches / fastest['dataset']:.0f}, "
+              f"raw {args.patches / fastest['raw']:.0f}, "
+              f"raw_huge_pages {args.patches / fastest['raw_huge_pages']:.0f} patches/s")
     print(f"separate processes: warm {raw_warm / results['dataset']['warm_s']:.2f}, "
           f"cold {results['raw']['cold_s'] / results['dataset']['cold_s']:.2f}; "
           f"store (storage path) / raw warm: {raw_warm / results['store']['warm_s']:.2f}")
 
 
-def _spawn(args: argparse.Namespace, mode: str, data: Path, work: Path) -> dict:
-    command = [sys.executable, __file__, "--child", mode, "--data", str(data), "--workdir", str(work),
-               "--shape", *map(str, args.shape), "--patch", *map(str, args.patch), "--patches", str(args.patches),
-               "--config", args.config]
+def _spawn(args: argparse.Namespace, mode: str, data: Path, work: Path, sampling: str = "configured") -> dict:
+    command = [sys.executable, __file__, "--child", mode, "--sampling", sampling, "--data", str(data),
+               "--workdir", str(work), "--shape", *map(str, args.shape), "--patch", *map(str, args.patch),
+               "--patches", str(args.patches), "--config", args.config]
     out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -173,15 +182,17 @@ def _child(args: argparse.Namespace) -> dict:
             raw_dir.mkdir(exist_ok=True)
             for i in range(len(store)):
                 np.save(raw_dir / f"{i}.npy", store.volume(i))
-        dataset = _patch_dataset(store, args)
-        origins = [dataset.patch_origin(i) for i in range(args.patches)]
-        (work / "origins.json").write_text(json.dumps(origins))
-        return {"touched_bytes": _spanned_page_bytes(store.shapes[0], origins[0][1], args.patch),
+        for sampling in SAMPLINGS:
+            dataset = _patch_dataset(store, args, sampling)
+            origins = [dataset.patch_origin(i) for i in range(args.patches)]
+            (work / f"origins_{sampling}.json").write_text(json.dumps(origins))
+        dataset = _patch_dataset(store, args, "configured")
+        return {"touched_bytes": _spanned_page_bytes(store.shapes[0], dataset.patch_origin(0)[1], args.patch),
                 "min_foreground_fraction": dataset.min_foreground_fraction}
 
     for path in [*data.rglob("*.arrow"), *raw_dirs["raw"].glob("*.npy"), *raw_dirs["raw_huge_pages"].glob("*.npy")]:
         _evict(path)
-    origins = [(v, tuple(o)) for v, o in json.loads((work / "origins.json").read_text())]
+    origins = [(v, tuple(o)) for v, o in json.loads((work / f"origins_{args.sampling}.json").read_text())]
 
     def timed_pass(read) -> float:
         start = time.perf_counter()
@@ -221,7 +232,7 @@ def _reader(mode: str, args: argparse.Namespace, data: Path, raw_dir: Path | Non
     from ctpa_vq.data.patch_dataset import VolumeStore
 
     if mode == "dataset":
-        dataset = _patch_dataset(VolumeStore.from_disk(data), args)
+        dataset = _patch_dataset(VolumeStore.from_disk(data), args, args.sampling)
         return lambda i: dataset[i]["hu"]
     if mode == "store":
         store = VolumeStore.from_disk(data)
@@ -235,12 +246,12 @@ def _reader(mode: str, args: argparse.Namespace, data: Path, raw_dir: Path | Non
     return lambda i: np.array(volumes[origins[i][0]][_slices(origins[i][1], args.patch)])
 
 
-def _patch_dataset(store, args):
+def _patch_dataset(store, args, sampling: str):
     from ctpa_vq.data.patch_dataset import RandomPatchDataset
     from ctpa_vq.training.config import load_config
 
     per_volume = math.ceil(args.patches / len(store))
-    fraction = load_config(args.config).dataset.min_foreground_fraction
+    fraction = load_config(args.config).dataset.min_foreground_fraction if sampling == "configured" else 0.0
     return RandomPatchDataset(store, tuple(args.patch), patches_per_volume=per_volume, seed=0,
                               min_foreground_fraction=fraction)
 

@@ -100,9 +100,10 @@ class RandomPatchDataset(torch.utils.data.Dataset):
     """Random training patches, ``patches_per_volume`` per volume per epoch.
 
     Item ``i`` comes from volume ``i % len(volumes)``; its candidate origins are row ``i`` of a
-    table drawn once per epoch from a generator seeded with ``(seed, epoch)``. With ``min_foreground_fraction > 0`` up to ``max_draws``
-    positions are tried and the first whose fraction of voxels above ``foreground_hu`` reaches
-    it is used (else the draw with the most foreground), which steers patches away from air.
+    table drawn once per epoch from a generator seeded with ``(seed, epoch)``. With
+    ``min_foreground_fraction > 0`` up to ``max_draws`` positions are tried and the first whose
+    fraction of voxels above ``foreground_hu`` reaches it is used (else the first with the most
+    foreground), which steers patches away from air.
     The fraction is estimated on a sparse probe of each candidate (:meth:`_foreground_fraction`)
     that touches about 1/30 of the patch's pages, so trying a position costs little reading.
 
