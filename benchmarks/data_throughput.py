@@ -11,14 +11,14 @@ from the page cache (``posix_fadvise(DONTNEED)``):
   (the interleaved measurement below also runs the default path, no foreground steering);
 * ``store``: the same final slices copied as int16 (the storage path alone);
 * ``raw``: ``np.load(mmap_mode="r")`` of a plain ``.npy`` copy of the same volumes, the same
-  final patches copied as int16: the limit on this machine (and ``raw_huge_pages``, below).
+  final patches copied as int16: the limit on this machine.
 
 Each reads the same patches cold (first read, from disk) and then warm (page cache, best of 3).
 The headline ratio, dataset vs raw warm, comes from ``--repeats`` more processes that each read
 every patch with the readers in turn and count CPU time (``time.thread_time``), so all see the
 same load on a shared machine and time spent descheduled is left out. Besides ``dataset`` and
-``raw`` they run ``raw_huge_pages``: the raw memmap advised 2 MB pages as the dataset's volumes
-are (:mod:`ctpa_vq.data.huge_pages`), the like-for-like limit. The order of the readers cycles
+``raw`` they run ``store``, which separates what the item costs from what reading through
+pyarrow's mapping of the Arrow file costs against numpy's memmap. The order of the readers cycles
 through all permutations (which reader ran just before matters: a 16.8 MB copy leaves the caches
 cold for the next), 12 passes per process; the figure is the median over all passes. It is
 measured for both sampling paths, each against the raw copies of its own patches.
@@ -52,7 +52,7 @@ import numpy as np
 
 MODES = ("dataset", "store", "raw")
 SAMPLINGS = ("configured", "default")  # min_foreground_fraction of --config, and 0
-INTERLEAVED = ("dataset", "raw", "raw_huge_pages")
+INTERLEAVED = ("dataset", "store", "raw")
 WARM_PASSES = 12  # twice each order of the three interleaved readers
 
 
@@ -78,7 +78,7 @@ def main() -> None:
         parser.error("--rss-volumes must not exceed --volumes")
 
     volume_bytes = 2 * math.prod(args.shape)
-    needed = volume_bytes * (2 * args.volumes + 3 * args.rss_volumes) * 1.1
+    needed = volume_bytes * (2 * args.volumes + 2 * args.rss_volumes) * 1.1
     parent = Path(args.workdir or tempfile.gettempdir())
     free = shutil.disk_usage(parent).free
     if free < needed:
@@ -147,17 +147,16 @@ def _report(args, results, interleaved, rss, setup, patch_bytes, volume_bytes) -
         fraction = setup["min_foreground_fraction"] if sampling == "configured" else 0.0
         print(f"{sampling} sampling path (min_foreground_fraction {fraction}), item by item, CPU time:")
         passes = [p for run in runs for p in run["passes"]]
-        for limit in ("raw", "raw_huge_pages"):
-            ratios = sorted(p[limit] / p["dataset"] for p in passes)
-            per_process = ", ".join(f"{statistics.median(p[limit] / p['dataset'] for p in run['passes']):.2f}"
+        for reader, limit in (("dataset", "raw"), ("store", "raw"), ("dataset", "store")):
+            ratios = sorted(p[limit] / p[reader] for p in passes)
+            per_process = ", ".join(f"{statistics.median(p[limit] / p[reader] for p in run['passes']):.2f}"
                                     for run in runs)
-            print(f"  dataset warm rate / {limit} warm rate: median {statistics.median(ratios):.2f} over "
+            print(f"  {reader} warm rate / {limit} warm rate: median {statistics.median(ratios):.2f} over "
                   f"{len(ratios)} passes in {len(runs)} processes (range {ratios[0]:.2f}-{ratios[-1]:.2f}; "
                   f"per process {per_process})")
         fastest = min(passes, key=lambda p: p["raw"])
         print(f"  fastest pass: dataset {args.patches / fastest['dataset']:.0f}, "
-              f"raw {args.patches / fastest['raw']:.0f}, "
-              f"raw_huge_pages {args.patches / fastest['raw_huge_pages']:.0f} patches/s")
+              f"store {args.patches / fastest['store']:.0f}, raw {args.patches / fastest['raw']:.0f} patches/s")
     print(f"separate processes: warm {raw_warm / results['dataset']['warm_s']:.2f}, "
           f"cold {results['raw']['cold_s'] / results['dataset']['cold_s']:.2f}; "
           f"store (storage path) / raw warm: {raw_warm / results['store']['warm_s']:.2f}")
@@ -175,13 +174,12 @@ def _child(args: argparse.Namespace) -> dict:
     from ctpa_vq.data.patch_dataset import VolumeStore
 
     work, data = Path(args.workdir), Path(args.data)
-    raw_dirs = {mode: work / mode for mode in ("raw", "raw_huge_pages")}  # a file each: they share no page cache
+    raw_dir = work / "raw"
     if args.child == "setup":
         store = VolumeStore.from_disk(data)
-        for raw_dir in raw_dirs.values():
-            raw_dir.mkdir(exist_ok=True)
-            for i in range(len(store)):
-                np.save(raw_dir / f"{i}.npy", store.volume(i))
+        raw_dir.mkdir(exist_ok=True)
+        for i in range(len(store)):
+            np.save(raw_dir / f"{i}.npy", store.volume(i))
         for sampling in SAMPLINGS:
             dataset = _patch_dataset(store, args, sampling)
             origins = [dataset.patch_origin(i) for i in range(args.patches)]
@@ -190,7 +188,7 @@ def _child(args: argparse.Namespace) -> dict:
         return {"touched_bytes": _spanned_page_bytes(store.shapes[0], dataset.patch_origin(0)[1], args.patch),
                 "min_foreground_fraction": dataset.min_foreground_fraction}
 
-    for path in [*data.rglob("*.arrow"), *raw_dirs["raw"].glob("*.npy"), *raw_dirs["raw_huge_pages"].glob("*.npy")]:
+    for path in list(data.rglob("*.arrow")) + list(raw_dir.glob("*.npy")):
         _evict(path)
     origins = [(v, tuple(o)) for v, o in json.loads((work / f"origins_{args.sampling}.json").read_text())]
 
@@ -204,7 +202,7 @@ def _child(args: argparse.Namespace) -> dict:
         # Warm only, item by item and in CPU time: the readers see the same machine load, and
         # time spent descheduled on a shared machine is not counted. The order cycles through
         # all permutations, so each reader follows each other one equally often.
-        readers = {mode: _reader(mode, args, data, raw_dirs.get(mode), origins) for mode in INTERLEAVED}
+        readers = {mode: _reader(mode, args, data, raw_dir, origins) for mode in INTERLEAVED}
         for read in readers.values():
             timed_pass(read)  # warms the page cache
         orders = list(itertools.permutations(readers))
@@ -219,7 +217,7 @@ def _child(args: argparse.Namespace) -> dict:
             passes.append(spent)
         return {"passes": passes}
 
-    read = _reader(args.child, args, data, raw_dirs.get(args.child), origins)
+    read = _reader(args.child, args, data, raw_dir, origins)
     read_bytes_before = _proc_io()["read_bytes"]
     timings = {"cold_s": timed_pass(read), "read_bytes": _proc_io()["read_bytes"] - read_bytes_before}
     timings["warm_s"] = min(timed_pass(read) for _ in range(3))  # best of 3: the machine is shared
@@ -227,7 +225,7 @@ def _child(args: argparse.Namespace) -> dict:
     return {**timings, "vm_hwm": status["VmHWM"], "rss_anon": status["RssAnon"], "rss_file": status["RssFile"]}
 
 
-def _reader(mode: str, args: argparse.Namespace, data: Path, raw_dir: Path | None, origins: list):
+def _reader(mode: str, args: argparse.Namespace, data: Path, raw_dir: Path, origins: list):
     """Item i of the measured reader: the dataset draws its own positions, the others read `origins`."""
     from ctpa_vq.data.patch_dataset import VolumeStore
 
@@ -238,11 +236,6 @@ def _reader(mode: str, args: argparse.Namespace, data: Path, raw_dir: Path | Non
         store = VolumeStore.from_disk(data)
         return lambda i: np.array(store.volume(origins[i][0])[_slices(origins[i][1], args.patch)])
     volumes = [np.load(raw_dir / f"{i}.npy", mmap_mode="r") for i in range(len(list(raw_dir.glob("*.npy"))))]
-    if mode == "raw_huge_pages":
-        from ctpa_vq.data.huge_pages import advise_huge_pages
-
-        for volume in volumes:
-            advise_huge_pages(volume)
     return lambda i: np.array(volumes[origins[i][0]][_slices(origins[i][1], args.patch)])
 
 

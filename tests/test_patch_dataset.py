@@ -170,28 +170,6 @@ def test_candidate_origins_cover_every_valid_position_uniformly(store):
         assert chisquare(counts).pvalue > 1e-3
 
 
-@pytest.mark.skipif(
-    not os.path.exists("/sys/kernel/mm/transparent_hugepage/enabled")
-    or "[never]" in open("/sys/kernel/mm/transparent_hugepage/enabled").read(),
-    reason="Linux with transparent huge pages only",
-)
-def test_volume_mapping_is_advised_huge_pages(store):
-    """The pages under a volume are advised MADV_HUGEPAGE (flag `hg` of its mapping in smaps)."""
-    volume = store.volume(1)
-    start, end = volume.ctypes.data, volume.ctypes.data + volume.nbytes
-    flags = []
-    with open("/proc/self/smaps") as smaps:
-        inside = False
-        for line in smaps:
-            first = line.split()[0]
-            if "-" in first and not first.endswith(":"):
-                low, high = (int(x, 16) for x in first.split("-"))
-                inside = low < end and start < high
-            elif inside and first == "VmFlags:":
-                flags.append(line.split()[1:])
-    assert flags and all("hg" in f for f in flags)
-
-
 def test_foreground_bias_steers_patches_away_from_air(tmp_path):
     hu = np.full((40, 40, 40), -1000, np.int16)
     hu[24:, 24:, 24:] = 40  # a body block in one corner: most random patches miss it

@@ -3,8 +3,7 @@
 :class:`VolumeStore` gives each volume of a split as a read-only ``(D, H, W)`` int16 numpy
 view into the memory-mapped Arrow buffer (no copy, no decompression). Slicing a patch out of
 that view touches only the pages under the patch, so reading one patch reads about one patch
-of bytes, and resident memory does not grow with the number of volumes. The views are mapped
-with 2 MB pages where the kernel can (:mod:`.huge_pages`).
+of bytes, and resident memory does not grow with the number of volumes.
 
 :class:`RandomPatchDataset` (training) sits on top: item ``i`` is a patch of volume
 ``i % n_volumes`` at a position drawn from ``(seed, epoch)`` alone, the same in any process,
@@ -31,7 +30,6 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from .huge_pages import advise_huge_pages
 
 Shape3 = tuple[int, int, int]
 
@@ -87,7 +85,6 @@ class VolumeStore:
             raise ValueError(f"volume {self.patient_ids[index]!r}: {end - begin} bytes do not hold int16 {shape}")
         view = np.frombuffer(data, dtype=np.int16, count=(end - begin) // 2, offset=int(begin)).reshape(shape)
         view.flags.writeable = False
-        advise_huge_pages(view)  # fewer TLB misses while copying patches out of it
         self._views[index] = view
         return view
 
