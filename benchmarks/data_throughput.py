@@ -7,16 +7,21 @@ from the page cache (``posix_fadvise(DONTNEED)``):
 
 * ``dataset``: ``RandomPatchDataset[i]`` on the configured sampling path (the position draws,
   each with its foreground probe, at ``dataset.min_foreground_fraction`` of ``--config``, then
-  the int16 HU patch copied out of the memory-mapped Arrow buffer), the thing training uses;
+  the int16 HU patch copied out of the memory-mapped Arrow buffer), the thing training uses
+  (the interleaved measurement below also runs the default path, no foreground steering);
 * ``store``: the same final slices copied as int16 (the storage path alone);
 * ``raw``: ``np.load(mmap_mode="r")`` of a plain ``.npy`` copy of the same volumes, the same
   final patches copied as int16: the limit on this machine.
 
 Each reads the same patches cold (first read, from disk) and then warm (page cache, best of 3).
-The headline ratio, dataset vs raw warm, comes from one more process that reads each patch with
-the two readers in turn and counts CPU time (``time.thread_time``), so both see the same load on
-a shared machine and time spent descheduled is left out (median over 10 passes, order flipped
-every pass).
+The headline ratio, dataset vs raw warm, comes from ``--repeats`` more processes that each read
+every patch with the readers in turn and count CPU time (``time.thread_time``), so all see the
+same load on a shared machine and time spent descheduled is left out. Besides ``dataset`` and
+``raw`` they run ``store``, which separates what the item costs from what reading through
+pyarrow's mapping of the Arrow file costs against numpy's memmap. The order of the readers cycles
+through all permutations (which reader ran just before matters: a 16.8 MB copy leaves the caches
+cold for the next), 12 passes per process; the figure is the median over all passes. It is
+measured for both sampling paths, each against the raw copies of its own patches.
 "Bytes read per patch" is the kernel's ``read_bytes`` (``/proc/self/io``: bytes fetched from
 storage) over the cold pass divided by the number of patches; it includes the kernel's
 read-ahead, so it is compared with the patch size, with the bytes the patch spans in the
@@ -31,6 +36,7 @@ after reading the same number of patches from ``--rss-volumes`` and from ``--vol
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -45,7 +51,9 @@ from pathlib import Path
 import numpy as np
 
 MODES = ("dataset", "store", "raw")
-WARM_PASSES = 10
+SAMPLINGS = ("configured", "default")  # min_foreground_fraction of --config, and 0
+INTERLEAVED = ("dataset", "store", "raw")
+WARM_PASSES = 12  # twice each order of the three interleaved readers
 
 
 def main() -> None:
@@ -55,11 +63,13 @@ def main() -> None:
     parser.add_argument("--shape", type=int, nargs=3, default=(604, 512, 512), metavar=("D", "H", "W"))
     parser.add_argument("--patch", type=int, nargs=3, default=(128, 256, 256), metavar=("D", "H", "W"))
     parser.add_argument("--patches", type=int, default=48, help="patches read per measurement")
+    parser.add_argument("--repeats", type=int, default=3, help="processes measuring the readers interleaved")
     parser.add_argument("--config", default=str(Path(__file__).resolve().parents[1] / "configs" / "ctpa_512.yaml"),
                         help="recipe whose dataset.min_foreground_fraction the dataset samples with")
     parser.add_argument("--workdir", default=None, help="parent of the temporary directory (default: system temp)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--data", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--sampling", default="configured", choices=SAMPLINGS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(_child(args)))
@@ -101,7 +111,8 @@ def _run(args: argparse.Namespace, work: Path, volume_bytes: int) -> None:
     print(f"setup (write, prepare, raw copies): {time.perf_counter() - start:.0f} s")
 
     results = {mode: _spawn(args, mode, work / "ds_small", work) for mode in MODES}
-    interleaved = _spawn(args, "interleaved", work / "ds_small", work)
+    interleaved = {sampling: [_spawn(args, "interleaved", work / "ds_small", work, sampling)
+                              for _ in range(args.repeats)] for sampling in SAMPLINGS}
     rss = {n: _spawn(args, "dataset", work / d, work) for n, d in
            ((args.rss_volumes, "ds_small"), (args.volumes, "ds_all"))}
 
@@ -132,20 +143,29 @@ def _report(args, results, interleaved, rss, setup, patch_bytes, volume_bytes) -
     small, large = rss.values()
     print(f"RSS ratio {args.volumes} / {args.rss_volumes} volumes: peak {large['vm_hwm'] / small['vm_hwm']:.2f}, "
           f"anonymous {large['rss_anon'] / small['rss_anon']:.2f}")
-    ratios = sorted(p["raw"] / p["dataset"] for p in interleaved["passes"])
-    fastest = min(interleaved["passes"], key=lambda p: p["raw"])
-    print(f"dataset warm rate / raw warm rate, item by item in one process, CPU time: median "
-          f"{statistics.median(ratios):.2f} over {len(ratios)} passes (range {ratios[0]:.2f}-{ratios[-1]:.2f}; "
-          f"fastest pass {args.patches / fastest['dataset']:.0f} vs {args.patches / fastest['raw']:.0f} patches/s)")
+    for sampling, runs in interleaved.items():
+        fraction = setup["min_foreground_fraction"] if sampling == "configured" else 0.0
+        print(f"{sampling} sampling path (min_foreground_fraction {fraction}), item by item, CPU time:")
+        passes = [p for run in runs for p in run["passes"]]
+        for reader, limit in (("dataset", "raw"), ("store", "raw"), ("dataset", "store")):
+            ratios = sorted(p[limit] / p[reader] for p in passes)
+            per_process = ", ".join(f"{statistics.median(p[limit] / p[reader] for p in run['passes']):.2f}"
+                                    for run in runs)
+            print(f"  {reader} warm rate / {limit} warm rate: median {statistics.median(ratios):.2f} over "
+                  f"{len(ratios)} passes in {len(runs)} processes (range {ratios[0]:.2f}-{ratios[-1]:.2f}; "
+                  f"per process {per_process})")
+        fastest = min(passes, key=lambda p: p["raw"])
+        print(f"  fastest pass: dataset {args.patches / fastest['dataset']:.0f}, "
+              f"store {args.patches / fastest['store']:.0f}, raw {args.patches / fastest['raw']:.0f} patches/s")
     print(f"separate processes: warm {raw_warm / results['dataset']['warm_s']:.2f}, "
           f"cold {results['raw']['cold_s'] / results['dataset']['cold_s']:.2f}; "
           f"store (storage path) / raw warm: {raw_warm / results['store']['warm_s']:.2f}")
 
 
-def _spawn(args: argparse.Namespace, mode: str, data: Path, work: Path) -> dict:
-    command = [sys.executable, __file__, "--child", mode, "--data", str(data), "--workdir", str(work),
-               "--shape", *map(str, args.shape), "--patch", *map(str, args.patch), "--patches", str(args.patches),
-               "--config", args.config]
+def _spawn(args: argparse.Namespace, mode: str, data: Path, work: Path, sampling: str = "configured") -> dict:
+    command = [sys.executable, __file__, "--child", mode, "--sampling", sampling, "--data", str(data),
+               "--workdir", str(work), "--shape", *map(str, args.shape), "--patch", *map(str, args.patch),
+               "--patches", str(args.patches), "--config", args.config]
     out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -160,15 +180,17 @@ def _child(args: argparse.Namespace) -> dict:
         raw_dir.mkdir(exist_ok=True)
         for i in range(len(store)):
             np.save(raw_dir / f"{i}.npy", store.volume(i))
-        dataset = _patch_dataset(store, args)
-        origins = [dataset.patch_origin(i) for i in range(args.patches)]
-        (work / "origins.json").write_text(json.dumps(origins))
-        return {"touched_bytes": _spanned_page_bytes(store.shapes[0], origins[0][1], args.patch),
+        for sampling in SAMPLINGS:
+            dataset = _patch_dataset(store, args, sampling)
+            origins = [dataset.patch_origin(i) for i in range(args.patches)]
+            (work / f"origins_{sampling}.json").write_text(json.dumps(origins))
+        dataset = _patch_dataset(store, args, "configured")
+        return {"touched_bytes": _spanned_page_bytes(store.shapes[0], dataset.patch_origin(0)[1], args.patch),
                 "min_foreground_fraction": dataset.min_foreground_fraction}
 
     for path in list(data.rglob("*.arrow")) + list(raw_dir.glob("*.npy")):
         _evict(path)
-    origins = [(v, tuple(o)) for v, o in json.loads((work / "origins.json").read_text())]
+    origins = [(v, tuple(o)) for v, o in json.loads((work / f"origins_{args.sampling}.json").read_text())]
 
     def timed_pass(read) -> float:
         start = time.perf_counter()
@@ -177,16 +199,18 @@ def _child(args: argparse.Namespace) -> dict:
         return time.perf_counter() - start
 
     if args.child == "interleaved":
-        # Warm only, item by item and in CPU time: the two readers see the same machine load, and
-        # time spent descheduled on a shared machine is not counted. The order flips every pass.
-        readers = {mode: _reader(mode, args, data, raw_dir, origins) for mode in ("dataset", "raw")}
+        # Warm only, item by item and in CPU time: the readers see the same machine load, and
+        # time spent descheduled on a shared machine is not counted. The order cycles through
+        # all permutations, so each reader follows each other one equally often.
+        readers = {mode: _reader(mode, args, data, raw_dir, origins) for mode in INTERLEAVED}
         for read in readers.values():
             timed_pass(read)  # warms the page cache
+        orders = list(itertools.permutations(readers))
         passes = []
         for n in range(WARM_PASSES):
             spent = dict.fromkeys(readers, 0.0)
             for i in range(args.patches):
-                for mode in list(readers)[:: 1 if n % 2 else -1]:
+                for mode in orders[n % len(orders)]:
                     start = time.thread_time()
                     readers[mode](i)
                     spent[mode] += time.thread_time() - start
@@ -206,7 +230,7 @@ def _reader(mode: str, args: argparse.Namespace, data: Path, raw_dir: Path, orig
     from ctpa_vq.data.patch_dataset import VolumeStore
 
     if mode == "dataset":
-        dataset = _patch_dataset(VolumeStore.from_disk(data), args)
+        dataset = _patch_dataset(VolumeStore.from_disk(data), args, args.sampling)
         return lambda i: dataset[i]["hu"]
     if mode == "store":
         store = VolumeStore.from_disk(data)
@@ -215,12 +239,12 @@ def _reader(mode: str, args: argparse.Namespace, data: Path, raw_dir: Path, orig
     return lambda i: np.array(volumes[origins[i][0]][_slices(origins[i][1], args.patch)])
 
 
-def _patch_dataset(store, args):
+def _patch_dataset(store, args, sampling: str):
     from ctpa_vq.data.patch_dataset import RandomPatchDataset
     from ctpa_vq.training.config import load_config
 
     per_volume = math.ceil(args.patches / len(store))
-    fraction = load_config(args.config).dataset.min_foreground_fraction
+    fraction = load_config(args.config).dataset.min_foreground_fraction if sampling == "configured" else 0.0
     return RandomPatchDataset(store, tuple(args.patch), patches_per_volume=per_volume, seed=0,
                               min_foreground_fraction=fraction)
 

@@ -3,34 +3,46 @@
 from __future__ import annotations
 
 import ctypes.util
+import json
+import statistics
 import subprocess
 import sys
 
 import pytest
 
+PAGES = 64 * 2**20 // 4096  # 4 KiB pages of one 64 MiB block: above glibc's largest mmap threshold
+
 CHILD = """
-import resource, sys, torch
+import json, resource, sys, torch
 if sys.argv[1] == "keep":
     from ctpa_vq.allocator import keep_freed_memory
     assert keep_freed_memory()
 torch.ones(1)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(8):
-    x = torch.empty(64 * 2**20 // 4).fill_(1.0)  # 64 MiB: above glibc's largest mmap threshold
+faults = []
+for _ in range(16):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    x = torch.empty(64 * 2**20 // 4).fill_(1.0)
     del x
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(json.dumps(faults))
 """
 
 
-def _faults(mode: str) -> int:
+def _faults_per_block(mode: str) -> list[int]:
+    """Page faults of each of 16 allocate-fill-free rounds of a 64 MiB block, in a fresh process."""
     result = subprocess.run([sys.executable, "-c", CHILD, mode], capture_output=True, text=True, check=True)
-    return int(result.stdout.split()[-1])
+    return json.loads(result.stdout.split("\n")[-2])
 
 
 @pytest.mark.skipif(sys.platform != "linux" or "libc.so" not in str(ctypes.util.find_library("c")), reason="glibc only")
 def test_freed_activations_are_reused_without_page_faults():
-    """By default each 64 MiB allocation is a fresh mmap the kernel faults in page by page
-    (16384 faults of 4 KiB each, 8 times); kept, only the first one faults."""
-    default, kept = _faults("default"), _faults("keep")
-    assert default > 8 * 16384 * 0.9
-    assert kept < 2 * 16384
+    """By default every 64 MiB block is a fresh mmap the kernel faults in page by page; kept, the
+    freed block is reused and the rounds after the first fault (almost) nothing.
+
+    Compared as the median round of each process (steady state), so stray faults of a loaded
+    machine in a few rounds do not decide the outcome.
+    """
+    default, kept = _faults_per_block("default"), _faults_per_block("keep")
+    assert statistics.median(default[1:]) > 0.9 * PAGES, default  # what the setting is there to avoid
+    assert statistics.median(kept[1:]) < 0.1 * PAGES, kept
+    assert statistics.median(kept[1:]) < statistics.median(default[1:]) / 10

@@ -127,6 +127,49 @@ def test_random_patches_are_deterministic_by_seed_epoch_and_index(store):
         dataset.patch_origin(20)
 
 
+def test_each_item_takes_the_first_candidate_with_enough_foreground_else_the_most(tmp_path):
+    """The rule on the epoch's candidates, with the sparse probe computed here from the volume."""
+    hu = np.full((48, 64, 64), -1000, np.int16)
+    hu[20:, 30:, 10:50] = 40  # a body block: some candidates reach the fraction, some do not
+    nib.save(nib.Nifti1Image(hu, np.eye(4)), tmp_path / "block.nii")
+    prepare_dataset(tmp_path, tmp_path / "out", val_fraction=0.0, progress=False)
+    store = VolumeStore.from_disk(tmp_path / "out")
+    volume, size, wanted = store.volume(0), (16, 32, 32), 0.4
+    dataset = RandomPatchDataset(store, size, patches_per_volume=60, seed=4, min_foreground_fraction=wanted,
+                                 max_draws=4)
+
+    def probe_fraction(origin):  # 8 slices x 16 rows x every 4th voxel of the patch
+        d, h, w = origin
+        probe = volume[d:d + 16:2, h:h + 32:2, w:w + 32:4]
+        return float((probe > -500).mean())
+
+    seen_first = seen_later = seen_best = 0
+    for epoch in (0, 1):
+        dataset.set_epoch(epoch)
+        for i in range(len(dataset)):
+            candidates = [tuple(c) for c in dataset._candidates[i].tolist()]
+            fractions = [probe_fraction(c) for c in candidates]
+            good = [k for k, f in enumerate(fractions) if f >= wanted]
+            expected = good[0] if good else int(np.argmax(fractions))
+            assert dataset.patch_origin(i) == (0, candidates[expected])
+            seen_first += good[:1] == [0]
+            seen_later += bool(good) and good[0] > 0
+            seen_best += not good
+    assert seen_first and seen_later and seen_best  # every branch of the rule was taken
+
+
+def test_candidate_origins_cover_every_valid_position_uniformly(store):
+    """Origins along each axis are uniform over [0, size - patch], both ends included."""
+    from scipy.stats import chisquare
+
+    dataset = RandomPatchDataset(store, PATCH, patches_per_volume=300, seed=9)
+    origins = np.array([dataset.patch_origin(i)[1] for i in range(0, len(dataset), 4)])  # volume 0
+    for axis, size in enumerate(store.shapes[0]):
+        counts = np.bincount(origins[:, axis], minlength=size - PATCH[axis] + 1)
+        assert len(counts) == size - PATCH[axis] + 1 and counts.min() > 0
+        assert chisquare(counts).pvalue > 1e-3
+
+
 def test_foreground_bias_steers_patches_away_from_air(tmp_path):
     hu = np.full((40, 40, 40), -1000, np.int16)
     hu[24:, 24:, 24:] = 40  # a body block in one corner: most random patches miss it
@@ -154,9 +197,13 @@ def test_pickles_small_and_works_in_dataloader_workers(store):
     dataset = RandomPatchDataset(store, PATCH, patches_per_volume=4, seed=2)
     assert len(pickle.dumps(dataset)) < 100_000  # the Arrow buffers are not pickled
     loader = torch.utils.data.DataLoader(dataset, batch_size=4, num_workers=2)
-    batches = list(loader)
-    expected = torch.stack([dataset[i]["hu"] for i in range(len(dataset))])
-    torch.testing.assert_close(torch.cat([b["hu"] for b in batches]), expected)
+    for epoch in (0, 1):  # workers use the epoch's positions drawn in this process by set_epoch
+        dataset.set_epoch(epoch)
+        batches = list(loader)
+        expected = torch.stack([dataset[i]["hu"] for i in range(len(dataset))])
+        torch.testing.assert_close(torch.cat([b["hu"] for b in batches]), expected)
+        origins = torch.cat([b["origin"] for b in batches])
+        assert origins.tolist() == [list(dataset.patch_origin(i)[1]) for i in range(len(dataset))]
 
 
 SHARDING_SCRIPT = textwrap.dedent(

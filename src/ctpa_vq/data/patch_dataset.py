@@ -6,13 +6,14 @@ that view touches only the pages under the patch, so reading one patch reads abo
 of bytes, and resident memory does not grow with the number of volumes.
 
 :class:`RandomPatchDataset` (training) sits on top: item ``i`` is a patch of volume
-``i % n_volumes`` at a position drawn from ``(seed, epoch, i)`` alone, so any process, worker or
-resumed run gets the same patch for the same index and epoch (the loop's sampler shuffles the
-indices per epoch and Accelerate shards them across processes). Whole-volume evaluation goes
+``i % n_volumes`` at a position drawn from ``(seed, epoch)`` alone, the same in any process,
+worker or resumed run for the same index and epoch (the loop's sampler shuffles the indices
+per epoch and Accelerate shards them across processes). Whole-volume evaluation goes
 through the pipeline's planned grid instead.
 
 Items are ``hu``: the patch as stored, a contiguous int16 HU tensor (1, pd, ph, pw). Copying
-it out of the memory map is the whole cost of an item (the raw-read rate); the HU window and
+it out of the memory map is nearly the whole cost of an item (the positions are drawn once per
+epoch, a position's foreground probe reads about 1/30 of the patch's pages); the HU window and
 the float conversion (:func:`~ctpa_vq.intensity.hu_to_unit`) happen on the GPU inside the
 training step, on half the bytes a float32 batch would move. Volumes smaller than the training
 patch are an error naming the patient, raised when the dataset is built: a patch that is mostly
@@ -50,6 +51,7 @@ class VolumeStore:
         self.spacings: list[tuple[float, float, float]] = [tuple(s) for s in table.column("spacing").to_pylist()]
         self._hu_chunks = table.column("hu").chunks
         self._chunk_starts = np.cumsum([0] + [len(c) for c in self._hu_chunks])
+        self._views: dict[int, np.ndarray] = {}
 
     @classmethod
     def from_disk(cls, path: str | os.PathLike, split: str = "train") -> VolumeStore:
@@ -71,6 +73,8 @@ class VolumeStore:
 
     def volume(self, index: int) -> np.ndarray:
         """Read-only (D, H, W) int16 view of volume ``index`` into the memory-mapped buffer."""
+        if index in self._views:
+            return self._views[index]
         chunk_index = int(np.searchsorted(self._chunk_starts, index, side="right")) - 1
         chunk: pa.LargeBinaryArray = self._hu_chunks[chunk_index]
         row = chunk.offset + index - int(self._chunk_starts[chunk_index])
@@ -81,6 +85,7 @@ class VolumeStore:
             raise ValueError(f"volume {self.patient_ids[index]!r}: {end - begin} bytes do not hold int16 {shape}")
         view = np.frombuffer(data, dtype=np.int16, count=(end - begin) // 2, offset=int(begin)).reshape(shape)
         view.flags.writeable = False
+        self._views[index] = view
         return view
 
     def affine(self, index: int) -> np.ndarray:
@@ -91,16 +96,18 @@ class VolumeStore:
 class RandomPatchDataset(torch.utils.data.Dataset):
     """Random training patches, ``patches_per_volume`` per volume per epoch.
 
-    Item ``i`` comes from volume ``i % len(volumes)``; its origin is drawn from a generator
-    seeded with ``(seed, epoch, i)``. With ``min_foreground_fraction > 0`` up to ``max_draws``
-    positions are tried and the first whose fraction of voxels above ``foreground_hu`` reaches
-    it is used (else the draw with the most foreground), which steers patches away from air.
+    Item ``i`` comes from volume ``i % len(volumes)``; its candidate origins are row ``i`` of a
+    table drawn once per epoch from a generator seeded with ``(seed, epoch)``. With
+    ``min_foreground_fraction > 0`` up to ``max_draws`` positions are tried and the first whose
+    fraction of voxels above ``foreground_hu`` reaches it is used (else the first with the most
+    foreground), which steers patches away from air.
     The fraction is estimated on a sparse probe of each candidate (:meth:`_foreground_fraction`)
     that touches about 1/30 of the patch's pages, so trying a position costs little reading.
 
-    Call :meth:`set_epoch` on the dataset itself at each epoch, before iterating: Accelerate's
-    ``DataLoader.set_epoch`` forwards to the dataset only when the sampler has no ``set_epoch``
-    (not with ``shuffle=True``), and ``persistent_workers`` would keep a stale epoch.
+    Call :meth:`set_epoch` on the dataset itself at each epoch, before iterating (it draws the
+    epoch's table, which DataLoader workers then inherit): Accelerate's ``DataLoader.set_epoch``
+    forwards to the dataset only when the sampler has no ``set_epoch`` (not with
+    ``shuffle=True``), and ``persistent_workers`` would keep a stale epoch.
 
     Args:
         volumes: the split to draw from.
@@ -142,32 +149,50 @@ class RandomPatchDataset(torch.utils.data.Dataset):
         self.foreground_hu = foreground_hu
         self.max_draws = max_draws
         self.epoch = 0
+        self._candidates = self._draw_candidates()
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
+        self._candidates = self._draw_candidates()
+
+    def _draw_candidates(self) -> np.ndarray:
+        """(len, draws, 3) candidate origins of every item of the epoch, drawn from ``(seed, epoch)``.
+
+        One vectorised draw per epoch (in the process that calls :meth:`set_epoch`, so DataLoader
+        workers inherit it) instead of a seeded generator per item: building a generator costs
+        more than the rest of the item outside the copy.
+        """
+        draws = self.max_draws if self.min_foreground_fraction > 0 else 1
+        shapes = np.asarray(self.volumes.shapes, dtype=np.int64)
+        highs = (shapes - np.asarray(self.patch_size))[np.arange(len(self)) % len(self.volumes)] + 1
+        rng = np.random.default_rng([self.seed, self.epoch])
+        candidates = rng.integers(0, highs[:, None, :], size=(len(self), draws, 3))
+        candidates.flags.writeable = False
+        return candidates
 
     def __len__(self) -> int:
         return len(self.volumes) * self.patches_per_volume
 
     def patch_origin(self, index: int) -> tuple[int, Shape3]:
         """(volume index, (d, h, w) origin) of item ``index`` in the current epoch."""
+        volume_index, origin = self._choose(index)
+        return volume_index, tuple(origin.tolist())
+
+    def _choose(self, index: int) -> tuple[int, np.ndarray]:
+        """(volume index, its row of the epoch's candidates: the (3,) int64 origin) of item ``index``."""
         if not 0 <= index < len(self):
             raise IndexError(f"patch index {index} out of range [0, {len(self)})")
         volume_index = index % len(self.volumes)
-        shape = self.volumes.shapes[volume_index]
-        rng = np.random.default_rng([self.seed, self.epoch, index])
-        draws = self.max_draws if self.min_foreground_fraction > 0 else 1
-        best, best_fraction = None, -1.0
-        for _ in range(draws):
-            origin = tuple(int(rng.integers(0, s - p + 1)) for s, p in zip(shape, self.patch_size))
-            if draws == 1:
-                return volume_index, origin
+        candidates = self._candidates[index]
+        if len(candidates) == 1:
+            return volume_index, candidates[0]
+        fractions = []
+        for k, origin in enumerate(candidates.tolist()):
             fraction = self._foreground_fraction(volume_index, origin)
             if fraction >= self.min_foreground_fraction:
-                return volume_index, origin
-            if fraction > best_fraction:
-                best, best_fraction = origin, fraction
-        return volume_index, best
+                return volume_index, candidates[k]
+            fractions.append(fraction)
+        return volume_index, candidates[int(np.argmax(fractions))]  # the first with the most foreground
 
     def _foreground_fraction(self, volume_index: int, origin: Shape3) -> float:
         """Foreground fraction on a sparse probe: 8 slices x 16 image rows, every 4th voxel of a row.
@@ -176,20 +201,19 @@ class RandomPatchDataset(torch.utils.data.Dataset):
         (0.5-1 MB) wherever the patch lies, against the patch's 16.8 MB at 128x256x256; the
         estimate is within a few percent of the patch's fraction (enough to steer away from air).
         """
-        patch = self.volumes.volume(volume_index)[_slices(origin, self.patch_size)]
-        depth, height, _ = patch.shape
-        probe = patch[:: max(1, depth // 8), :: max(1, height // 16), ::4]
-        return float(np.count_nonzero(probe > self.foreground_hu)) / probe.size
+        (d, h, w), (pd, ph, pw) = origin, self.patch_size
+        probe = self.volumes.volume(volume_index)[d:d + pd:max(1, pd // 8), h:h + ph:max(1, ph // 16), w:w + pw:4]
+        return np.count_nonzero(probe > self.foreground_hu) / probe.size
 
     def __getitem__(self, index: int) -> dict:
-        volume_index, origin = self.patch_origin(index)
-        patch = self.volumes.volume(volume_index)[_slices(origin, self.patch_size)]
+        volume_index, origin = self._choose(index)
+        patch = self.volumes.volume(volume_index)[_slices(origin.tolist(), self.patch_size)]
         return {
-            "hu": torch.from_numpy(np.array(patch))[None],  # one copy out of the memory map
+            "hu": torch.from_numpy(np.array(patch)[None]),  # one copy out of the memory map
             "patient_id": self.volumes.patient_ids[volume_index],
             "index": index,
             "volume_index": volume_index,
-            "origin": torch.tensor(origin, dtype=torch.long),
+            "origin": torch.from_numpy(origin.copy()),  # (3,) int64; cheaper than torch.tensor(tuple)
         }
 
 
