@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ctpa_vq import VQGAN3D
-from ctpa_vq.atomic import replace_folder
+from ctpa_vq.atomic import atomic_folder
 from ctpa_vq.data.phantom import make_phantom
 from ctpa_vq.intensity import hu_to_unit
 
@@ -59,10 +59,8 @@ def trained_tiny(steps: int = 300, seed: int = 0) -> VQGAN3D:
         if step % 50 == 0 or step == steps - 1:
             print(f"step {step}: loss {loss.item():.4f} ({time.perf_counter() - start:.0f} s)", flush=True)
     model.eval()
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    partial = folder.with_name(f".partial-{folder.name}")
-    model.save_pretrained(partial)
-    replace_folder(partial, folder)
+    with atomic_folder(folder) as partial:
+        model.save_pretrained(partial)
     return model
 
 

@@ -80,3 +80,27 @@ def replace_folder(new: str | os.PathLike, target: str | os.PathLike) -> None:
     new.rename(target)
     fsync_dir(target.parent)
     shutil.rmtree(previous, ignore_errors=True)
+
+
+def partial_folder(target: str | os.PathLike) -> Path:
+    """Where a folder for `target` is written before it takes `target`'s place: `.partial-<name>` beside it."""
+    target = Path(target)
+    return target.with_name(f".partial-{target.name}")
+
+
+@contextmanager
+def atomic_folder(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield the (absent) `partial_folder(target)` to write; on success it replaces `target` (`replace_folder`).
+
+    The leftover of a write killed before its rename is cleared first; on an error the partial
+    folder is removed and `target` is untouched.
+    """
+    target, partial = Path(target), partial_folder(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        yield partial
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    replace_folder(partial, target)

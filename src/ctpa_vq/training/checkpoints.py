@@ -22,7 +22,7 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
-from ..atomic import fsync_dir, replace_folder
+from ..atomic import fsync_dir, partial_folder, replace_folder
 
 _NAME = re.compile(r"^step-(\d{8})$")
 SLEEP_IN_SAVE_ENV = "CTPA_VQ_TEST_SLEEP_IN_SAVE"
@@ -56,7 +56,7 @@ def save_checkpoint(
     if keep < 1:
         raise ValueError(f"keep must be >= 1 (the checkpoint just written), got {keep}")
     final = root / f"step-{step:08d}"
-    partial = root / f".partial-{final.name}"
+    partial = partial_folder(final)  # every process writes its part, so not `atomic_folder`
     if accelerator.is_main_process:
         shutil.rmtree(partial, ignore_errors=True)
         root.mkdir(parents=True, exist_ok=True)

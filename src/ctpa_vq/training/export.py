@@ -5,17 +5,15 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from ..atomic import replace_folder
+from ..atomic import atomic_folder
 from ..models import VQGAN3D
 from ..pipelines import CTPAReconstructionPipeline
 
 
 def export_model(model: VQGAN3D, target: Path, run_dir: Path) -> None:
     """Save the pipeline (model under `vqgan/`) plus the run's recipe and metrics; replace `target` atomically."""
-    partial = target.with_name(f".partial-{target.name}")
-    shutil.rmtree(partial, ignore_errors=True)
-    CTPAReconstructionPipeline(vqgan=model).save_pretrained(partial)
-    for name in ("config.yaml", "metrics.csv"):
-        if (run_dir / name).exists():
-            shutil.copy2(run_dir / name, partial / name)
-    replace_folder(partial, target)
+    with atomic_folder(target) as partial:
+        CTPAReconstructionPipeline(vqgan=model).save_pretrained(partial)
+        for name in ("config.yaml", "metrics.csv"):
+            if (run_dir / name).exists():
+                shutil.copy2(run_dir / name, partial / name)
