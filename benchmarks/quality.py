@@ -43,7 +43,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -54,6 +53,7 @@ from ctpa_vq.intensity import DEFAULT_HU_WINDOW, hu_to_unit, unit_to_hu  # noqa:
 from ctpa_vq.metrics import ReconstructionMetrics, reconstruction_metrics  # noqa: E402
 from ctpa_vq.pipelines import CTPAReconstructionPipeline  # noqa: E402
 from ctpa_vq.regions import REGIONS, body_mask, region_labels  # noqa: E402
+from ctpa_vq.training.losses import dense_weighted_l1  # noqa: E402
 
 FACTOR = 4
 KL_WEIGHT = 1e-6
@@ -121,11 +121,8 @@ def build(method: str) -> torch.nn.Module:
 
 
 def weighted_l1(reconstruction: torch.Tensor, x: torch.Tensor, dense_weight: float) -> torch.Tensor:
-    """L1 with voxels >= ``DENSE_HU`` (enhanced vessels, bone) weighted ``dense_weight``, normalised."""
-    if dense_weight == 1:
-        return F.l1_loss(reconstruction, x)
-    weight = 1 + (dense_weight - 1) * (x >= float(hu_to_unit(np.float32([DENSE_HU]))[0])).float()
-    return ((reconstruction - x).abs() * weight).mean() / weight.mean()
+    """L1 with voxels >= ``DENSE_HU`` (enhanced vessels, bone) weighted ``dense_weight``: the recipe's loss."""
+    return dense_weighted_l1(reconstruction, x, dense_weight, float(hu_to_unit(torch.tensor(DENSE_HU))))
 
 
 def training_loss(method: str, model: torch.nn.Module, x: torch.Tensor, dense_weight: float = 1.0) -> torch.Tensor:

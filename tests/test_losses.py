@@ -1,4 +1,4 @@
-"""Hinge and feature-matching losses, slice sampling, PatchGAN discriminators, perceptual loss."""
+"""The dense-voxel weighted L1, hinge and feature-matching losses, slice sampling, PatchGAN discriminators, perceptual loss."""
 
 from __future__ import annotations
 
@@ -9,13 +9,51 @@ import torch
 from safetensors.torch import save_file
 
 from ctpa_vq.models.discriminators import PatchDiscriminator
-from ctpa_vq.training.losses import feature_matching_loss, hinge_discriminator_loss, hinge_generator_loss, random_slices
+from ctpa_vq.training.losses import (
+    dense_weighted_l1,
+    feature_matching_loss,
+    hinge_discriminator_loss,
+    hinge_generator_loss,
+    random_slices,
+)
 from ctpa_vq.training.perceptual import (
     PerceptualLoss2D,
     PerceptualWeightsError,
     PerceptualWeightsNotFoundError,
     build_perceptual_loss,
 )
+
+
+def test_dense_weighted_l1_a_voxel_above_the_threshold_costs_dense_weight_times_more():
+    target = torch.zeros(1, 1, 2, 2, 2)
+    target[..., 0, :, :] = 0.5  # half the voxels at or above the threshold 0.25
+    above, below = target.clone(), target.clone()
+    above[0, 0, 0, 1, 1] += 0.2
+    below[0, 0, 1, 1, 1] += 0.2
+    cost_above = dense_weighted_l1(above, target, dense_weight=5.0, threshold=0.25)
+    cost_below = dense_weighted_l1(below, target, dense_weight=5.0, threshold=0.25)
+    assert cost_above.item() == pytest.approx(5 * cost_below.item())
+    # normalised by the mean weight (4 voxels x 5 + 4 x 1 = 24): 0.2 * 5 / 24 and 0.2 / 24
+    assert cost_above.item() == pytest.approx(0.2 * 5 / 24)
+    assert cost_below.item() == pytest.approx(0.2 / 24)
+
+
+def test_dense_weighted_l1_is_plain_l1_at_weight_one_and_the_threshold_is_inclusive():
+    generator = torch.Generator().manual_seed(0)
+    target = torch.rand(2, 1, 3, 4, 4, generator=generator) * 2 - 1
+    reconstruction = torch.rand(2, 1, 3, 4, 4, generator=generator) * 2 - 1
+    plain = (reconstruction - target).abs().mean()
+    assert dense_weighted_l1(reconstruction, target, dense_weight=1.0, threshold=0.0).item() == pytest.approx(plain.item())
+    at = torch.full((1, 1, 1, 1, 2), -1.0)
+    at[..., 0] = 0.25
+    error_at = at.clone()
+    error_at[..., 0] += 0.1
+    error_under = at.clone()
+    error_under[..., 1] += 0.1
+    ratio = dense_weighted_l1(error_at, at, 3.0, 0.25) / dense_weighted_l1(error_under, at, 3.0, 0.25)
+    assert ratio.item() == pytest.approx(3.0)
+    with pytest.raises(ValueError, match="dense_weight"):
+        dense_weighted_l1(reconstruction, target, dense_weight=0.0, threshold=0.0)
 
 
 def test_hinge_discriminator_loss_values():

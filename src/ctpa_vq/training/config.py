@@ -28,6 +28,8 @@ class ModelConfig:
     min_lr_ratio: float = 0.1  # cosine decay to lr * min_lr_ratio at training.max_steps
     grad_clip: float = 1.0
     l1_weight: float = 4.0
+    dense_weight: float = 1.0  # L1 weight of voxels >= dense_threshold_hu (vessels, bone); 1: plain L1
+    dense_threshold_hu: float = 150.0
 
 
 @dataclass

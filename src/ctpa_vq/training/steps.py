@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..intensity import hu_to_unit
-from .losses import random_slices
+from .losses import dense_weighted_l1, random_slices
 from .setup import TrainingParts
 
 
@@ -26,6 +26,12 @@ def model_input(parts: TrainingParts, batch: dict) -> torch.Tensor:
     """
     hu = batch["hu"].to(parts.accelerator.device, non_blocking=True)
     return hu_to_unit(hu, parts.accelerator.unwrap_model(parts.model).config.hu_window)
+
+
+def dense_threshold(parts: TrainingParts) -> float:
+    """`model.dense_threshold_hu` in the model's [-1, 1] window: where the L1's dense weight starts."""
+    window = parts.accelerator.unwrap_model(parts.model).config.hu_window
+    return float(hu_to_unit(torch.tensor(parts.config.model.dense_threshold_hu), window))
 
 
 @dataclass
@@ -55,7 +61,7 @@ def generator_step(
         # A tuple, not the output dataclass, which Accelerate's fp32 output conversion cannot rebuild.
         sample, commitment, perplexity, usage, _ = parts.model(x, return_dict=False)
         reconstruction = sample.float()
-        l1 = (reconstruction - x).abs().mean()
+        l1 = dense_weighted_l1(reconstruction, x, config.model.dense_weight, dense_threshold(parts))
         terms = {"l1": l1, "commitment": commitment.float()}
         loss = config.model.l1_weight * l1 + terms["commitment"]
         if gan_on and (parts.perceptual is not None or critics is not None):
