@@ -122,7 +122,7 @@ def build(method: str) -> torch.nn.Module:
 
 def weighted_l1(reconstruction: torch.Tensor, x: torch.Tensor, dense_weight: float) -> torch.Tensor:
     """L1 with voxels >= ``DENSE_HU`` (enhanced vessels, bone) weighted ``dense_weight``: the recipe's loss."""
-    return dense_weighted_l1(reconstruction, x, dense_weight, float(hu_to_unit(torch.tensor(DENSE_HU))))
+    return dense_weighted_l1(reconstruction, x, dense_weight, float(hu_to_unit(np.float32([DENSE_HU]))[0]))
 
 
 def training_loss(method: str, model: torch.nn.Module, x: torch.Tensor, dense_weight: float = 1.0) -> torch.Tensor:

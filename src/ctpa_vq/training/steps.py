@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..intensity import hu_to_unit
@@ -29,9 +30,12 @@ def model_input(parts: TrainingParts, batch: dict) -> torch.Tensor:
 
 
 def dense_threshold(parts: TrainingParts) -> float:
-    """`model.dense_threshold_hu` in the model's [-1, 1] window: where the L1's dense weight starts."""
+    """`model.dense_threshold_hu` in the model's [-1, 1] window: where the L1's dense weight starts.
+
+    Mapped in NumPy on the host, so the step makes no device round trip for it.
+    """
     window = parts.accelerator.unwrap_model(parts.model).config.hu_window
-    return float(hu_to_unit(torch.tensor(parts.config.model.dense_threshold_hu), window))
+    return float(hu_to_unit(np.float32([parts.config.model.dense_threshold_hu]), window)[0])
 
 
 @dataclass
