@@ -1,4 +1,4 @@
-"""The dense-voxel weighted L1, hinge and feature-matching losses, slice sampling, PatchGAN discriminators, perceptual loss."""
+"""The dense-voxel weighted L1, the SSIM loss, hinge and feature-matching losses, slice sampling, PatchGAN discriminators, perceptual loss."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from ssim_reference import ssim_full_kernel
+
 from ctpa_vq.models.discriminators import PatchDiscriminator
 from ctpa_vq.training.losses import (
     dense_weighted_l1,
@@ -15,6 +17,7 @@ from ctpa_vq.training.losses import (
     hinge_discriminator_loss,
     hinge_generator_loss,
     random_slices,
+    ssim_loss,
 )
 from ctpa_vq.training.perceptual import (
     PerceptualLoss2D,
@@ -54,6 +57,20 @@ def test_dense_weighted_l1_is_plain_l1_at_weight_one_and_the_threshold_is_inclus
     assert ratio.item() == pytest.approx(3.0)
     with pytest.raises(ValueError, match="dense_weight"):
         dense_weighted_l1(reconstruction, target, dense_weight=0.0, threshold=0.0)
+
+
+def test_ssim_loss_is_one_minus_the_gaussian_ssim_zero_for_identical_and_differentiable():
+    generator = torch.Generator().manual_seed(0)
+    target = torch.rand(2, 1, 12, 13, 14, generator=generator) * 2 - 1
+    noisy = (target + 0.3 * torch.randn(target.shape, generator=generator)).clamp(-1, 1).requires_grad_()
+    loss = ssim_loss(noisy, target)
+    assert loss.item() == pytest.approx(1 - ssim_full_kernel(noisy.detach(), target).item(), abs=1e-5)
+    assert 0.1 < loss.item() < 1.0
+    assert ssim_loss(target, target).item() == pytest.approx(0.0, abs=1e-6)
+    loss.backward()
+    assert noisy.grad is not None and noisy.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match=r"spatial axis >= 11"):
+        ssim_loss(target[:, :, :8], target[:, :, :8])
 
 
 def test_hinge_discriminator_loss_values():

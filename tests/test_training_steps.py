@@ -13,6 +13,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import save_file
+from ssim_reference import ssim_full_kernel
 
 from ctpa_vq.data.phantom import write_phantom_dir
 from ctpa_vq.data.prepare import prepare_dataset
@@ -152,8 +153,18 @@ def test_recipe_dense_weight_and_threshold_in_hu_reach_the_reconstruction_loss(p
         assert abs(terms["l1"].item() - (reconstruction - x).abs().mean().item()) > 1e-4, "still the plain L1"
 
 
+def test_recipe_ssim_weight_adds_one_minus_ssim_to_the_loss(prepared, tmp_path):
+    parts = build_training(_config(prepared, tmp_path, "model.ssim_weight=2.0"), Accelerator(cpu=True))
+    terms, x, reconstruction = _l1_term_and_batch(parts)
+    assert terms["ssim"].item() == pytest.approx(1 - ssim_full_kernel(reconstruction, x).item(), abs=1e-5)
+    plain_l1 = (reconstruction - x).abs().mean()
+    expected = parts.config.model.l1_weight * plain_l1 + 2.0 * terms["ssim"] + terms["commitment"]
+    assert terms["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
 def test_the_default_recipe_trains_on_plain_l1():
-    assert load_config(DEMO).model.dense_weight == 1.0
+    config = load_config(DEMO)
+    assert config.model.dense_weight == 1.0 and config.model.ssim_weight == 0.0
 
 
 # ------------------------------------------------------------------------------ accumulation

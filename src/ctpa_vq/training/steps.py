@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..intensity import hu_to_unit
-from .losses import dense_weighted_l1, random_slices
+from .losses import dense_weighted_l1, random_slices, ssim_loss
 from .setup import TrainingParts
 
 
@@ -68,6 +68,9 @@ def generator_step(
         l1 = dense_weighted_l1(reconstruction, x, config.model.dense_weight, dense_threshold(parts))
         terms = {"l1": l1, "commitment": commitment.float()}
         loss = config.model.l1_weight * l1 + terms["commitment"]
+        if config.model.ssim_weight > 0:
+            terms["ssim"] = ssim_loss(reconstruction, x)
+            loss = loss + config.model.ssim_weight * terms["ssim"]
         if gan_on and (parts.perceptual is not None or critics is not None):
             real_slices, fake_slices = random_slices(
                 x, reconstruction, n=gan.slices_per_volume, generator=slice_generator
