@@ -25,7 +25,9 @@ loss: this compares the autoencoders, not GAN recipes.
   ``scipy.ndimage.zoom`` back with order 1 / 3.
 
 The MONAI models and the per-patch route are scored with ``sliding_window_inference`` on the same
-patch grid. Figures (see :mod:`ctpa_vq.metrics` and :mod:`ctpa_vq.regions`): PSNR/SSIM in HU over
+patch grid, whose patch is the training patch by default: all these models normalise with
+GroupNorm over the patch, and a 32x128x128 inference patch (16x the voxels seen in training)
+cost one VQGAN3D run 0.22 dB body PSNR, 0.22 body SSIM and 38 HU in lung (BENCHMARKS.md). Figures (see :mod:`ctpa_vq.metrics` and :mod:`ctpa_vq.regions`): PSNR/SSIM in HU over
 the window -1024..2048 for the whole volume and over the body, and mean absolute HU error per
 region. By default the volumes are block-averaged 4x in-plane (128x128, 2.3-2.5 mm pixels, 5 mm
 slices) so the benchmark runs on 2 CPU cores in minutes; ``--inplane 1`` keeps full resolution.
@@ -232,7 +234,9 @@ def main() -> None:
     )
     parser.add_argument("--vqgan-codes", type=int, default=4096, help="EMA codebook size of the vqgan3d-ema row")
     parser.add_argument("--patch", type=int, nargs=3, default=[16, 32, 32], help="training patch (D, H, W)")
-    parser.add_argument("--infer-patch", type=int, nargs=3, default=[32, 128, 128], help="inference patch (D, H, W)")
+    parser.add_argument(
+        "--infer-patch", type=int, nargs=3, default=None, help="inference patch (D, H, W); default: the training patch"
+    )
     parser.add_argument("--overlap", type=float, default=0.25)
     parser.add_argument("--inplane", type=int, default=4, help="block-average this factor in-plane first (1: none)")
     parser.add_argument("--no-per-patch", action="store_true", help="skip VQGAN3D's per-patch pixel-blended route")
@@ -241,6 +245,7 @@ def main() -> None:
         "--threads", type=int, default=None, help="torch threads (1 on a shared machine: oversubscribed OpenMP spins)"
     )
     args = parser.parse_args()
+    args.infer_patch = args.infer_patch or args.patch
     if args.threads:
         torch.set_num_threads(args.threads)
 
