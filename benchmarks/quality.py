@@ -10,7 +10,7 @@ own regulariser (VQ commitment, MONAI VQ loss, KL for AutoencoderKL). No adversa
 loss: this compares the autoencoders, not GAN recipes.
 
 * ``vqgan3d-ema`` / ``vqgan3d-fsq``: ``VQGAN3D`` preset ``tiny`` with ``--vqgan-codes`` 4096 EMA
-  codes (12 bits per latent voxel; the preset's 256 gave 0.07 lower body SSIM, BENCHMARKS.md) and
+  codes (12 bits per latent voxel; the preset's 256: 0.9 dB lower body PSNR, BENCHMARKS.md) and
   FSQ with levels (8, 6, 5) = 240 codes, scored through ``CTPAReconstructionPipeline`` (the route a user
   and a DDPM get) and, as ``...-per-patch``, with each patch run through the whole model and
   blended in pixels (MONAI ``sliding_window_inference``, same grid, gaussian).
@@ -27,7 +27,8 @@ loss: this compares the autoencoders, not GAN recipes.
 The MONAI models and the per-patch route are scored with ``sliding_window_inference`` on the same
 patch grid, whose patch is the training patch by default: all these models normalise with
 GroupNorm over the patch, and a 32x128x128 inference patch (16x the voxels seen in training)
-cost one VQGAN3D run 0.22 dB body PSNR, 0.22 body SSIM and 38 HU in lung (BENCHMARKS.md). Figures (see :mod:`ctpa_vq.metrics` and :mod:`ctpa_vq.regions`): PSNR/SSIM in HU over
+cost one VQGAN3D run 0.22 body SSIM and 38 HU in lung and made runs look bimodal (another run
+it served better in PSNR, worse in lung; BENCHMARKS.md). Figures (see :mod:`ctpa_vq.metrics` and :mod:`ctpa_vq.regions`): PSNR/SSIM in HU over
 the window -1024..2048 for the whole volume and over the body, and mean absolute HU error per
 region. By default the volumes are block-averaged 4x in-plane (128x128, 2.3-2.5 mm pixels, 5 mm
 slices) so the benchmark runs on 2 CPU cores in minutes; ``--inplane 1`` keeps full resolution.
