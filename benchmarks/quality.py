@@ -28,7 +28,9 @@ The MONAI models and the per-patch route are scored with ``sliding_window_infere
 patch grid, whose patch is the training patch by default: all these models normalise with
 GroupNorm over the patch, and a 32x128x128 inference patch (16x the voxels seen in training)
 cost one VQGAN3D run 0.22 body SSIM and 38 HU in lung and made runs look bimodal (another run
-it served better in PSNR, worse in lung; BENCHMARKS.md). Figures (see :mod:`ctpa_vq.metrics` and :mod:`ctpa_vq.regions`): PSNR/SSIM in HU over
+it served better in PSNR, worse in lung; BENCHMARKS.md).
+
+Figures (see :mod:`ctpa_vq.metrics` and :mod:`ctpa_vq.regions`): PSNR/SSIM in HU over
 the window -1024..2048 for the whole volume and over the body, and mean absolute HU error per
 region. By default the volumes are block-averaged 4x in-plane (128x128, 2.3-2.5 mm pixels, 5 mm
 slices) so the benchmark runs on 2 CPU cores in minutes; ``--inplane 1`` keeps full resolution.
@@ -134,7 +136,7 @@ def weighted_l1(reconstruction: torch.Tensor, x: torch.Tensor, dense_weight: flo
 def training_loss(
     method: str, model: torch.nn.Module, x: torch.Tensor, dense_weight: float = 1.0, ssim_weight: float = 0.0
 ) -> torch.Tensor:
-    """(Weighted) L1 plus ``ssim_weight * (1 - SSIM)`` in [-1, 1] (the recipe's losses), plus the model's regulariser."""
+    """(Weighted) L1 + ``ssim_weight * (1 - SSIM)`` in [-1, 1] (the recipe's losses) + the model's regulariser."""
     if method.startswith("vqgan3d"):
         out = model(x)
         reconstruction, regulariser = out.sample, out.commitment_loss

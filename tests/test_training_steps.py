@@ -148,7 +148,8 @@ def test_recipe_dense_weight_and_threshold_in_hu_reach_the_reconstruction_loss(p
     weight = torch.where(dense, dense_weight, 1.0)
     expected = ((reconstruction - x).abs() * weight).sum() / weight.sum()
     assert terms["l1"].item() == pytest.approx(expected.item(), rel=1e-5)
-    assert terms["loss"].item() == pytest.approx(config.model.l1_weight * expected.item() + terms["commitment"].item(), rel=1e-5)
+    total = config.model.l1_weight * expected.item() + terms["commitment"].item()
+    assert terms["loss"].item() == pytest.approx(total, rel=1e-5)
     if dense_weight != 1.0:
         assert abs(terms["l1"].item() - (reconstruction - x).abs().mean().item()) > 1e-4, "still the plain L1"
 

@@ -45,7 +45,11 @@ def _gaussian_window(kernel_size: int, sigma: float, like: torch.Tensor) -> torc
 
 
 def ssim_loss(
-    reconstruction: torch.Tensor, target: torch.Tensor, data_range: float = 2.0, kernel_size: int = 11, sigma: float = 1.5
+    reconstruction: torch.Tensor,
+    target: torch.Tensor,
+    data_range: float = 2.0,
+    kernel_size: int = 11,
+    sigma: float = 1.5,
 ) -> torch.Tensor:
     """``1 - SSIM`` of ``(B, C, D, H, W)`` volumes: 3D Gaussian window, averaged over valid positions.
 
