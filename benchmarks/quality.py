@@ -13,7 +13,8 @@ loss: this compares the autoencoders, not GAN recipes.
   codes (12 bits per latent voxel; the preset's 256: 0.9 dB lower body PSNR on seed 0,
   BENCHMARKS.md) and FSQ with levels (8, 6, 5) = 240 codes, scored through
   ``CTPAReconstructionPipeline`` (the route a user and a DDPM get) and, as ``...-per-patch``,
-  with each patch run through the whole model and blended in pixels (MONAI ``sliding_window_inference``, same grid, gaussian).
+  with each patch run through the whole model and blended in pixels (MONAI
+  ``sliding_window_inference``, same grid, gaussian).
 * ``monai-vqvae``: ``monai.networks.nets.VQVAE``, two stride-2 stages, 256 codes of dimension 8,
   MONAI's EMA decay 0.5 (with 0.99, as ours, its normal-initialised codebook collapses to 1-2 codes)
   and its own learning rate ``--vqvae-lr`` 1e-3 (at 2e-3 its codebook collapses to 4 codes by step 800).
