@@ -4,25 +4,34 @@ Every learned model trains on random patches of one real volume (``lung1``, 48x5
 scored on the whole other volume (``lung2``, 61x512x512), both from :mod:`real_ct`. Same data,
 same patch size and patch sequence, same 4x4x4 spatial compression, same optimiser, schedule and
 number of steps (one learning rate, except for MONAI's VQVAE, below), parameter counts within 10%
-of each other; the loss is L1 on the [-1, 1] window plus each model's own regulariser (VQ
-commitment, MONAI VQ loss, KL for AutoencoderKL). No adversarial or perceptual loss: this compares
-the autoencoders, not GAN recipes.
+of each other; the same loss for every model: L1 plus ``--ssim-weight`` 0.5 x (1 - 3D SSIM) on the
+[-1, 1] window (``ctpa_vq.training.losses``, the recipe's ``model.ssim_weight``), plus each model's
+own regulariser (VQ commitment, MONAI VQ loss, KL for AutoencoderKL). No adversarial or perceptual
+loss: this compares the autoencoders, not GAN recipes.
 
-* ``vqgan3d-ema`` / ``vqgan3d-fsq``: ``VQGAN3D`` preset ``tiny`` (256-code EMA codebook; FSQ with
-  levels (8, 6, 5) = 240 codes), scored through ``CTPAReconstructionPipeline`` (the route a user
-  and a DDPM get) and, as ``...-per-patch``, with each patch run through the whole model and
-  blended in pixels (MONAI ``sliding_window_inference``, same grid, gaussian).
+* ``vqgan3d-ema`` / ``vqgan3d-fsq``: ``VQGAN3D`` preset ``tiny`` with ``--vqgan-codes`` 4096 EMA
+  codes (12 bits per latent voxel; the preset's 256: 0.9 dB lower body PSNR on seed 0,
+  BENCHMARKS.md) and FSQ with levels (8, 6, 5) = 240 codes, scored through
+  ``CTPAReconstructionPipeline`` (the route a user and a DDPM get) and, as ``...-per-patch``,
+  with each patch run through the whole model and blended in pixels (MONAI
+  ``sliding_window_inference``, same grid, gaussian).
 * ``monai-vqvae``: ``monai.networks.nets.VQVAE``, two stride-2 stages, 256 codes of dimension 8,
   MONAI's EMA decay 0.5 (with 0.99, as ours, its normal-initialised codebook collapses to 1-2 codes)
   and its own learning rate ``--vqvae-lr`` 1e-3 (at 2e-3 its codebook collapses to 4 codes by step 800).
 * ``monai-autoencoderkl``: ``monai.networks.nets.AutoencoderKL`` (the MAISI family), two
-  downsamplings, 4 continuous latent channels (far more bits per latent voxel than 8 bits of a
-  256-code index); decoded from the latent mean.
+  downsamplings, 4 continuous latent channels (far more bits per latent voxel than the 12 bits of
+  a 4096-code index); decoded from the latent mean. "Same compression" is the spatial factor
+  4x4x4 of the latent grid, as the issue sets it, not the same bits.
 * ``trilinear`` / ``tricubic``: 4x4x4 block mean (the same latent grid size), then
   ``scipy.ndimage.zoom`` back with order 1 / 3.
 
 The MONAI models and the per-patch route are scored with ``sliding_window_inference`` on the same
-patch grid. Figures (see :mod:`ctpa_vq.metrics` and :mod:`ctpa_vq.regions`): PSNR/SSIM in HU over
+patch grid, whose patch is the training patch by default: all these models normalise with
+GroupNorm over the patch, and a 32x128x128 inference patch (16x the voxels seen in training)
+cost one VQGAN3D run 0.22 body SSIM and 38 HU in lung and made runs look bimodal (another run
+it served better in PSNR, worse in lung; BENCHMARKS.md).
+
+Figures (see :mod:`ctpa_vq.metrics` and :mod:`ctpa_vq.regions`): PSNR/SSIM in HU over
 the window -1024..2048 for the whole volume and over the body, and mean absolute HU error per
 region. By default the volumes are block-averaged 4x in-plane (128x128, 2.3-2.5 mm pixels, 5 mm
 slices) so the benchmark runs on 2 CPU cores in minutes; ``--inplane 1`` keeps full resolution.
@@ -43,7 +52,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -54,6 +62,7 @@ from ctpa_vq.intensity import DEFAULT_HU_WINDOW, hu_to_unit, unit_to_hu  # noqa:
 from ctpa_vq.metrics import ReconstructionMetrics, reconstruction_metrics  # noqa: E402
 from ctpa_vq.pipelines import CTPAReconstructionPipeline  # noqa: E402
 from ctpa_vq.regions import REGIONS, body_mask, region_labels  # noqa: E402
+from ctpa_vq.training.losses import dense_weighted_l1, ssim_loss  # noqa: E402
 
 FACTOR = 4
 KL_WEIGHT = 1e-6
@@ -97,12 +106,12 @@ def sample_patches(hu: np.ndarray, patch: tuple[int, int, int], count: int, rng:
     return torch.from_numpy(hu_to_unit(np.stack(patches))[:, None])
 
 
-def build(method: str) -> torch.nn.Module:
+def build(method: str, vqgan_codes: int = 4096) -> torch.nn.Module:
     """The learned models at ~0.5 M parameters, 4x4x4 spatial compression."""
     from monai.networks.nets import VQVAE, AutoencoderKL
 
     if method == "vqgan3d-ema":
-        return VQGAN3D.from_preset("tiny")
+        return VQGAN3D.from_preset("tiny", num_vq_embeddings=vqgan_codes)
     if method == "vqgan3d-fsq":
         return VQGAN3D.from_preset("tiny", quantizer_type="fsq", vq_embed_dim=3, fsq_levels=(8, 6, 5))
     if method == "monai-vqvae":
@@ -121,24 +130,25 @@ def build(method: str) -> torch.nn.Module:
 
 
 def weighted_l1(reconstruction: torch.Tensor, x: torch.Tensor, dense_weight: float) -> torch.Tensor:
-    """L1 with voxels >= ``DENSE_HU`` (enhanced vessels, bone) weighted ``dense_weight``, normalised."""
-    if dense_weight == 1:
-        return F.l1_loss(reconstruction, x)
-    weight = 1 + (dense_weight - 1) * (x >= float(hu_to_unit(np.float32([DENSE_HU]))[0])).float()
-    return ((reconstruction - x).abs() * weight).mean() / weight.mean()
+    """L1 with voxels >= ``DENSE_HU`` (enhanced vessels, bone) weighted ``dense_weight``: the recipe's loss."""
+    return dense_weighted_l1(reconstruction, x, dense_weight, float(hu_to_unit(np.float32([DENSE_HU]))[0]))
 
 
-def training_loss(method: str, model: torch.nn.Module, x: torch.Tensor, dense_weight: float = 1.0) -> torch.Tensor:
-    """(Weighted) L1 in [-1, 1] plus the model's own regulariser."""
+def training_loss(
+    method: str, model: torch.nn.Module, x: torch.Tensor, dense_weight: float = 1.0, ssim_weight: float = 0.0
+) -> torch.Tensor:
+    """(Weighted) L1 + ``ssim_weight * (1 - SSIM)`` in [-1, 1] (the recipe's losses) + the model's regulariser."""
     if method.startswith("vqgan3d"):
         out = model(x)
-        return weighted_l1(out.sample, x, dense_weight) + out.commitment_loss
-    if method == "monai-vqvae":
-        reconstruction, vq_loss = model(x)
-        return weighted_l1(reconstruction, x, dense_weight) + vq_loss
-    reconstruction, mu, sigma = model(x)
-    kl = 0.5 * (mu.square() + sigma.square() - torch.log(sigma.square() + 1e-12) - 1).sum() / x.shape[0]
-    return weighted_l1(reconstruction, x, dense_weight) + KL_WEIGHT * kl
+        reconstruction, regulariser = out.sample, out.commitment_loss
+    elif method == "monai-vqvae":
+        reconstruction, regulariser = model(x)
+    else:
+        reconstruction, mu, sigma = model(x)
+        kl = 0.5 * (mu.square() + sigma.square() - torch.log(sigma.square() + 1e-12) - 1).sum() / x.shape[0]
+        regulariser = KL_WEIGHT * kl
+    loss = weighted_l1(reconstruction, x, dense_weight) + regulariser
+    return loss + ssim_weight * ssim_loss(reconstruction, x) if ssim_weight else loss
 
 
 def predictor(method: str, model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -162,7 +172,7 @@ def train(method: str, model: torch.nn.Module, patches: torch.Tensor, args) -> N
     model.train()
     for step in range(args.steps):
         batch = patches[step * args.batch : (step + 1) * args.batch]
-        loss = training_loss(method, model, batch, args.dense_weight)
+        loss = training_loss(method, model, batch, args.dense_weight, args.ssim_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -223,8 +233,14 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--vqvae-lr", type=float, default=1e-3, help="MONAI VQVAE's (its codebook collapses at 2e-3)")
     parser.add_argument("--dense-weight", type=float, default=1.0, help="L1 weight of voxels >= 150 HU (1: plain L1)")
+    parser.add_argument(
+        "--ssim-weight", type=float, default=0.5, help="weight of 1 - SSIM (3D) added to every model's L1 (0: L1 only)"
+    )
+    parser.add_argument("--vqgan-codes", type=int, default=4096, help="EMA codebook size of the vqgan3d-ema row")
     parser.add_argument("--patch", type=int, nargs=3, default=[16, 32, 32], help="training patch (D, H, W)")
-    parser.add_argument("--infer-patch", type=int, nargs=3, default=[32, 128, 128], help="inference patch (D, H, W)")
+    parser.add_argument(
+        "--infer-patch", type=int, nargs=3, default=None, help="inference patch (D, H, W); default: the training patch"
+    )
     parser.add_argument("--overlap", type=float, default=0.25)
     parser.add_argument("--inplane", type=int, default=4, help="block-average this factor in-plane first (1: none)")
     parser.add_argument("--no-per-patch", action="store_true", help="skip VQGAN3D's per-patch pixel-blended route")
@@ -233,6 +249,7 @@ def main() -> None:
         "--threads", type=int, default=None, help="torch threads (1 on a shared machine: oversubscribed OpenMP spins)"
     )
     args = parser.parse_args()
+    args.infer_patch = args.infer_patch or args.patch
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -261,7 +278,7 @@ def main() -> None:
             print(f"{method}: {rows[-1].metrics}", flush=True)
             continue
         torch.manual_seed(args.seed)
-        model = build(method)
+        model = build(method, args.vqgan_codes)
         params = sum(p.numel() for p in model.parameters())
         start = time.perf_counter()
         train(method, model, patches, args)

@@ -1,4 +1,5 @@
-"""Hinge and feature-matching losses, slice sampling, PatchGAN discriminators, perceptual loss."""
+"""The dense-voxel weighted L1, the SSIM loss, hinge and feature-matching losses, slice sampling,
+PatchGAN discriminators, perceptual loss."""
 
 from __future__ import annotations
 
@@ -8,14 +9,70 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from ssim_reference import ssim_full_kernel
+
 from ctpa_vq.models.discriminators import PatchDiscriminator
-from ctpa_vq.training.losses import feature_matching_loss, hinge_discriminator_loss, hinge_generator_loss, random_slices
+from ctpa_vq.training.losses import (
+    dense_weighted_l1,
+    feature_matching_loss,
+    hinge_discriminator_loss,
+    hinge_generator_loss,
+    random_slices,
+    ssim_loss,
+)
 from ctpa_vq.training.perceptual import (
     PerceptualLoss2D,
     PerceptualWeightsError,
     PerceptualWeightsNotFoundError,
     build_perceptual_loss,
 )
+
+
+def test_dense_weighted_l1_a_voxel_above_the_threshold_costs_dense_weight_times_more():
+    target = torch.zeros(1, 1, 2, 2, 2)
+    target[..., 0, :, :] = 0.5  # half the voxels at or above the threshold 0.25
+    above, below = target.clone(), target.clone()
+    above[0, 0, 0, 1, 1] += 0.2
+    below[0, 0, 1, 1, 1] += 0.2
+    cost_above = dense_weighted_l1(above, target, dense_weight=5.0, threshold=0.25)
+    cost_below = dense_weighted_l1(below, target, dense_weight=5.0, threshold=0.25)
+    assert cost_above.item() == pytest.approx(5 * cost_below.item())
+    # normalised by the mean weight (4 voxels x 5 + 4 x 1 = 24): 0.2 * 5 / 24 and 0.2 / 24
+    assert cost_above.item() == pytest.approx(0.2 * 5 / 24)
+    assert cost_below.item() == pytest.approx(0.2 / 24)
+
+
+def test_dense_weighted_l1_is_plain_l1_at_weight_one_and_the_threshold_is_inclusive():
+    generator = torch.Generator().manual_seed(0)
+    target = torch.rand(2, 1, 3, 4, 4, generator=generator) * 2 - 1
+    reconstruction = torch.rand(2, 1, 3, 4, 4, generator=generator) * 2 - 1
+    plain = (reconstruction - target).abs().mean()
+    plain_too = dense_weighted_l1(reconstruction, target, dense_weight=1.0, threshold=0.0)
+    assert plain_too.item() == pytest.approx(plain.item())
+    at = torch.full((1, 1, 1, 1, 2), -1.0)
+    at[..., 0] = 0.25
+    error_at = at.clone()
+    error_at[..., 0] += 0.1
+    error_under = at.clone()
+    error_under[..., 1] += 0.1
+    ratio = dense_weighted_l1(error_at, at, 3.0, 0.25) / dense_weighted_l1(error_under, at, 3.0, 0.25)
+    assert ratio.item() == pytest.approx(3.0)
+    with pytest.raises(ValueError, match="dense_weight"):
+        dense_weighted_l1(reconstruction, target, dense_weight=0.0, threshold=0.0)
+
+
+def test_ssim_loss_is_one_minus_the_gaussian_ssim_zero_for_identical_and_differentiable():
+    generator = torch.Generator().manual_seed(0)
+    target = torch.rand(2, 1, 12, 13, 14, generator=generator) * 2 - 1
+    noisy = (target + 0.3 * torch.randn(target.shape, generator=generator)).clamp(-1, 1).requires_grad_()
+    loss = ssim_loss(noisy, target)
+    assert loss.item() == pytest.approx(1 - ssim_full_kernel(noisy.detach(), target).item(), abs=1e-5)
+    assert 0.1 < loss.item() < 1.0
+    assert ssim_loss(target, target).item() == pytest.approx(0.0, abs=1e-6)
+    loss.backward()
+    assert noisy.grad is not None and noisy.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match=r"spatial axis >= 11"):
+        ssim_loss(target[:, :, :8], target[:, :, :8])
 
 
 def test_hinge_discriminator_loss_values():

@@ -13,6 +13,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import save_file
+from ssim_reference import ssim_full_kernel
 
 from ctpa_vq.data.phantom import write_phantom_dir
 from ctpa_vq.data.prepare import prepare_dataset
@@ -111,6 +112,60 @@ def test_bf16_autocast_covers_forward_and_losses_only_and_the_l1_sees_fp32(prepa
     assert reconstruction.dtype == torch.float32
     # An output computed in bf16 holds only bf16-representable values; an fp32 one does not.
     assert (reconstruction.bfloat16().float() != reconstruction).float().mean() > 0.5
+
+
+# ------------------------------------------------------------------------------ reconstruction loss
+
+
+def _l1_term_and_batch(parts) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """One step's logged terms, its input and the reconstruction the loss saw."""
+    from ctpa_vq.training import steps
+
+    captured, original = {}, steps.generator_step
+
+    def capturing(*args, **kwargs):
+        captured["out"] = original(*args, **kwargs)
+        return captured["out"]
+
+    steps.generator_step = capturing
+    try:
+        x = _batch(parts, 2)
+        terms = _take_step(parts, x, 0)
+    finally:
+        steps.generator_step = original
+    return terms, x, captured["out"].reconstruction
+
+
+@pytest.mark.parametrize("dense_weight", [1.0, 5.0])
+def test_recipe_dense_weight_and_threshold_in_hu_reach_the_reconstruction_loss(prepared, tmp_path, dense_weight):
+    config = _config(prepared, tmp_path, f"model.dense_weight={dense_weight}", "model.dense_threshold_hu=-100")
+    parts = build_training(config, Accelerator(cpu=True))
+    low, high = parts.accelerator.unwrap_model(parts.model).config.hu_window
+    terms, x, reconstruction = _l1_term_and_batch(parts)
+    threshold = (-100 - low) / (high - low) * 2 - 1  # -100 HU in the model's [-1, 1] window
+    dense = x >= threshold
+    assert 0.05 < dense.float().mean() < 0.95, "the phantom patch should hold voxels on both sides"
+    weight = torch.where(dense, dense_weight, 1.0)
+    expected = ((reconstruction - x).abs() * weight).sum() / weight.sum()
+    assert terms["l1"].item() == pytest.approx(expected.item(), rel=1e-5)
+    total = config.model.l1_weight * expected.item() + terms["commitment"].item()
+    assert terms["loss"].item() == pytest.approx(total, rel=1e-5)
+    if dense_weight != 1.0:
+        assert abs(terms["l1"].item() - (reconstruction - x).abs().mean().item()) > 1e-4, "still the plain L1"
+
+
+def test_recipe_ssim_weight_adds_one_minus_ssim_to_the_loss(prepared, tmp_path):
+    parts = build_training(_config(prepared, tmp_path, "model.ssim_weight=2.0"), Accelerator(cpu=True))
+    terms, x, reconstruction = _l1_term_and_batch(parts)
+    assert terms["ssim"].item() == pytest.approx(1 - ssim_full_kernel(reconstruction, x).item(), abs=1e-5)
+    plain_l1 = (reconstruction - x).abs().mean()
+    expected = parts.config.model.l1_weight * plain_l1 + 2.0 * terms["ssim"] + terms["commitment"]
+    assert terms["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_the_default_recipe_trains_on_plain_l1():
+    config = load_config(DEMO)
+    assert config.model.dense_weight == 1.0 and config.model.ssim_weight == 0.0
 
 
 # ------------------------------------------------------------------------------ accumulation

@@ -22,6 +22,9 @@ class ModelConfig:
     overrides: dict[str, Any] = field(default_factory=dict)  # any VQGAN3D config field
     gradient_checkpointing: bool = False
     l1_weight: float = 4.0
+    dense_weight: float = 1.0  # L1 weight of voxels >= dense_threshold_hu (vessels, bone); 1: plain L1
+    dense_threshold_hu: float = 150.0
+    ssim_weight: float = 0.0  # adds ssim_weight * (1 - 3D SSIM) to the reconstruction loss; 0: off
 
 
 @dataclass

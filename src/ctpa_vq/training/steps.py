@@ -15,11 +15,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
+
+from accelerate.utils import extract_model_from_parallel
 
 from ..intensity import hu_to_unit
 from .config import TrainConfig
-from .losses import random_slices
+from .losses import dense_weighted_l1, random_slices, ssim_loss
 
 if TYPE_CHECKING:  # the memory trace (training/memory.py) calls the losses without the run's set-up
     from .adversarial import Discriminators
@@ -35,6 +38,16 @@ def model_input(parts: TrainingParts, batch: dict) -> torch.Tensor:
     """
     hu = batch["hu"].to(parts.accelerator.device, non_blocking=True)
     return hu_to_unit(hu, parts.accelerator.unwrap_model(parts.model).config.hu_window)
+
+
+def dense_threshold(model: torch.nn.Module, config: TrainConfig) -> float:
+    """`model.dense_threshold_hu` in the model's [-1, 1] window: where the L1's dense weight starts.
+
+    Mapped in NumPy on the host, so the step makes no device round trip for it. `model` may be
+    wrapped (DDP, torch.compile).
+    """
+    window = extract_model_from_parallel(model).config.hu_window
+    return float(hu_to_unit(np.float32([config.model.dense_threshold_hu]), window)[0])
 
 
 @dataclass
@@ -79,9 +92,12 @@ def generator_loss(
     # A tuple, not the output dataclass, which Accelerate's fp32 output conversion cannot rebuild.
     sample, commitment, perplexity, usage, _ = model(x, return_dict=False)
     reconstruction = sample.float()
-    l1 = (reconstruction - x).abs().mean()
+    l1 = dense_weighted_l1(reconstruction, x, config.model.dense_weight, dense_threshold(model, config))
     terms = {"l1": l1, "commitment": commitment.float()}
     loss = config.model.l1_weight * l1 + terms["commitment"]
+    if config.model.ssim_weight > 0:
+        terms["ssim"] = ssim_loss(reconstruction, x)
+        loss = loss + config.model.ssim_weight * terms["ssim"]
     real_slices = fake_slices = None
     if perceptual is not None or critics is not None:
         real_slices, fake_slices = random_slices(x, reconstruction, n=gan.slices_per_volume, generator=slice_generator)
