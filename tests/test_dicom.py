@@ -5,6 +5,8 @@ Each bad case is refused with the series folder (or slice file) and the problem 
 
 from __future__ import annotations
 
+import sys
+
 import nibabel as nib
 import numpy as np
 import pydicom
@@ -259,3 +261,28 @@ def test_a_dicomdir_is_not_taken_for_a_slice(tmp_path):
     sources = find_volumes(tmp_path / "cd")
     assert len(sources) == 1 and "SE" in sources[0].name
     np.testing.assert_array_equal(_source_layout(sources[0].load()), SLICES.transpose(2, 1, 0))
+
+
+def _dicom_series(tmp_path):
+    write_series(tmp_path / "series", np.zeros((3, 8, 8), np.int16))
+    return tmp_path / "series"
+
+
+def _nrrd_file(tmp_path):
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((3, 8, 8), np.int16)), str(tmp_path / "ct.nrrd"))
+    return tmp_path / "ct.nrrd"
+
+
+@pytest.mark.parametrize(
+    ("module", "make_input", "kind"),
+    [("pydicom", _dicom_series, "DICOM"), ("SimpleITK", _nrrd_file, "NRRD/MetaImage")],
+)
+def test_a_missing_reader_extra_names_the_format_and_the_install(tmp_path, monkeypatch, module, make_input, kind):
+    """Without the optional `clinical` extra (the module cannot be imported), reading says what to install."""
+    path = make_input(tmp_path)
+    monkeypatch.setitem(sys.modules, module, None)  # `import module` now raises ImportError
+    with pytest.raises(CTFileError) as caught:
+        load_volume(path)
+    message = str(caught.value)
+    assert message.startswith(f"{kind}: ") and f"needs {module}" in message, message
+    assert "pip install 'ctpa-vq[clinical]'" in message, message
