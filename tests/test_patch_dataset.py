@@ -228,6 +228,8 @@ SHARDING_SCRIPT = textwrap.dedent(
         ]
     with open(f"{out_dir}/rank{accelerator.process_index}.json", "w") as f:
         json.dump({"world": accelerator.num_processes, "seen": seen}, f)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()  # destroys the gloo group; a process that exits holding it can abort
     """
 )
 

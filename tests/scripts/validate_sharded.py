@@ -37,3 +37,4 @@ results = validation.validate(model, volumes, config, Path(output).parent / "sam
 if accelerator.is_main_process:
     Path(output).write_text(json.dumps({**results, "processes": accelerator.num_processes, "volumes": len(volumes)}))
 accelerator.wait_for_everyone()
+accelerator.end_training()
