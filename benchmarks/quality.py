@@ -78,6 +78,7 @@ class Row:
     train_s: float
     infer_s: float
     metrics: ReconstructionMetrics
+    seed: int | None = None  # None: a classical row, the same for every seed
 
 
 def block_mean(hu: np.ndarray, factor: tuple[int, int, int]) -> np.ndarray:
@@ -211,9 +212,9 @@ def prepare(args) -> tuple[np.ndarray, np.ndarray]:
     return volumes[0], volumes[1]
 
 
-def print_table(rows: list[Row]) -> None:
+def print_table(rows: list[Row], title: str) -> None:
     names = " | ".join(f"MAE {r}" for r in REGIONS)
-    print(f"\n| method | params | train s | infer s | PSNR | SSIM | body PSNR | body SSIM | MAE body | {names} |")
+    print(f"\n{title}\n| method | params | train s | infer s | PSNR | SSIM | body PSNR | body SSIM | MAE body | {names} |")
     print("|" + "---|" * (9 + len(REGIONS)))
     for row in rows:
         m = row.metrics
@@ -223,6 +224,27 @@ def print_table(rows: list[Row]) -> None:
             f"{m.ssim:.4f} | {m.body_psnr:.2f} | {m.body_ssim:.4f} | {m.mae['body']:.1f} | {maes} |"
         )
     print("PSNR/SSIM in HU over -1024..2048 (whole volume, then body mask); MAE in HU per region (ctpa_vq.regions)")
+
+
+def seed_means(rows: list[Row]) -> list[Row]:
+    """One row per method, every figure averaged over its seeds, named with the range of its body PSNR."""
+    means = []
+    for method in dict.fromkeys(row.method for row in rows):
+        runs = [row for row in rows if row.method == method]
+        window = runs[0].metrics.window
+
+        def mean(figure: Callable[[ReconstructionMetrics], float]) -> float:
+            return float(np.mean([figure(run.metrics) for run in runs]))
+
+        metrics = ReconstructionMetrics(
+            mean(lambda m: m.psnr), mean(lambda m: m.ssim), window, mean(lambda m: m.body_psnr),
+            mean(lambda m: m.body_ssim), {name: mean(lambda m, name=name: m.mae[name]) for name in runs[0].metrics.mae},
+        )  # fmt: skip
+        body_psnrs = [run.metrics.body_psnr for run in runs]
+        label = method if len(runs) == 1 else f"{method} (body PSNR {min(body_psnrs):.2f}..{max(body_psnrs):.2f})"
+        train_s, infer_s = np.mean([run.train_s for run in runs]), np.mean([run.infer_s for run in runs])
+        means.append(Row(label, runs[0].params, float(train_s), float(infer_s), metrics))
+    return means
 
 
 def main() -> None:
@@ -244,7 +266,10 @@ def main() -> None:
     parser.add_argument("--overlap", type=float, default=0.25)
     parser.add_argument("--inplane", type=int, default=4, help="block-average this factor in-plane first (1: none)")
     parser.add_argument("--no-per-patch", action="store_true", help="skip VQGAN3D's per-patch pixel-blended route")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=[0], help="one training run per seed (patch sequence and initialisation); "
+        "with several, a table per seed and one of the means"
+    )
     parser.add_argument(
         "--threads", type=int, default=None, help="torch threads (1 on a shared machine: oversubscribed OpenMP spins)"
     )
@@ -264,7 +289,6 @@ def main() -> None:
         + ", ".join(f"{r} {c}" for r, c in zip(("outside", *REGIONS), counts)),
         flush=True,
     )
-    patches = sample_patches(train_hu, tuple(args.patch), args.steps * args.batch, np.random.default_rng(args.seed))
 
     def score(reconstruction: np.ndarray) -> ReconstructionMetrics:
         return reconstruction_metrics(reconstruction, test_hu, DEFAULT_HU_WINDOW, labels=labels)
@@ -276,24 +300,30 @@ def main() -> None:
             reconstruction = classical(test_hu, order=1 if method == "trilinear" else 3)
             rows.append(Row(method, 0, 0.0, time.perf_counter() - start, score(reconstruction)))
             print(f"{method}: {rows[-1].metrics}", flush=True)
-            continue
-        torch.manual_seed(args.seed)
-        model = build(method, args.vqgan_codes)
-        params = sum(p.numel() for p in model.parameters())
-        start = time.perf_counter()
-        train(method, model, patches, args)
-        train_s = time.perf_counter() - start
-        routes = [(method, lambda: sliding_window(method, model, test_hu, args))]
-        if method.startswith("vqgan3d"):
-            routes = [(method, lambda: pipeline_route(model, test_hu, args))]
-            if not args.no_per_patch:
-                routes.append((f"{method}-per-patch", lambda: sliding_window(method, model, test_hu, args)))
-        for name, run in routes:
+    for seed in args.seeds:
+        patches = sample_patches(train_hu, tuple(args.patch), args.steps * args.batch, np.random.default_rng(seed))
+        for method in (m for m in args.methods if m not in CLASSICAL):
+            torch.manual_seed(seed)
+            model = build(method, args.vqgan_codes)
+            params = sum(p.numel() for p in model.parameters())
             start = time.perf_counter()
-            reconstruction = run()
-            rows.append(Row(name, params, train_s, time.perf_counter() - start, score(reconstruction)))
-            print(f"{name}: {rows[-1].metrics}", flush=True)
-    print_table(rows)
+            train(method, model, patches, args)
+            train_s = time.perf_counter() - start
+            routes = [(method, lambda: sliding_window(method, model, test_hu, args))]
+            if method.startswith("vqgan3d"):
+                routes = [(method, lambda: pipeline_route(model, test_hu, args))]
+                if not args.no_per_patch:
+                    routes.append((f"{method}-per-patch", lambda: sliding_window(method, model, test_hu, args)))
+            for name, run in routes:
+                start = time.perf_counter()
+                reconstruction = run()
+                rows.append(Row(name, params, train_s, time.perf_counter() - start, score(reconstruction), seed))
+                print(f"seed {seed} {name}: {rows[-1].metrics}", flush=True)
+    classical_rows = [row for row in rows if row.seed is None]
+    for seed in args.seeds:
+        print_table(classical_rows + [row for row in rows if row.seed == seed], f"seed {seed}, inference patch {args.infer_patch}")
+    if len(args.seeds) > 1:
+        print_table(seed_means(rows), f"mean of seeds {args.seeds} (the range of body PSNR in brackets)")
 
 
 if __name__ == "__main__":
