@@ -44,8 +44,11 @@ from __future__ import annotations
 
 import argparse
 import math
+import multiprocessing
+import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -247,6 +250,39 @@ def seed_means(rows: list[Row]) -> list[Row]:
     return means
 
 
+def score(reconstruction: np.ndarray, test_hu: np.ndarray, labels: np.ndarray) -> ReconstructionMetrics:
+    return reconstruction_metrics(reconstruction, test_hu, DEFAULT_HU_WINDOW, labels=labels)
+
+
+def learned_rows(method: str, seed: int, args) -> list[Row]:
+    """Train ``method`` on seed ``seed``'s patch sequence and score each of its routes on lung2.
+
+    One task of the run; with ``--jobs`` it runs in a worker process of its own.
+    """
+    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // args.jobs))
+    train_hu, test_hu = prepare(args)
+    labels = region_labels(test_hu)
+    patches = sample_patches(train_hu, tuple(args.patch), args.steps * args.batch, np.random.default_rng(seed))
+    torch.manual_seed(seed)
+    model = build(method, args.vqgan_codes)
+    params = sum(p.numel() for p in model.parameters())
+    start = time.perf_counter()
+    train(method, model, patches, args)
+    train_s = time.perf_counter() - start
+    routes = [(method, lambda: sliding_window(method, model, test_hu, args))]
+    if method.startswith("vqgan3d"):
+        routes = [(method, lambda: pipeline_route(model, test_hu, args))]
+        if not args.no_per_patch:
+            routes.append((f"{method}-per-patch", lambda: sliding_window(method, model, test_hu, args)))
+    rows = []
+    for name, run in routes:
+        start = time.perf_counter()
+        reconstruction = run()
+        rows.append(Row(name, params, train_s, time.perf_counter() - start, score(reconstruction, test_hu, labels), seed))
+        print(f"seed {seed} {name}: {rows[-1].metrics}", flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", nargs="+", default=[*CLASSICAL, *LEARNED], choices=[*CLASSICAL, *LEARNED])
@@ -271,12 +307,15 @@ def main() -> None:
         "with several, a table per seed and one of the means"
     )
     parser.add_argument(
-        "--threads", type=int, default=None, help="torch threads (1 on a shared machine: oversubscribed OpenMP spins)"
+        "--jobs", type=int, default=1, help="train this many (method, seed) runs at once, each in its own process"
     )
+    parser.add_argument(
+        "--threads", type=int, default=None,
+        help="torch threads per run (default: the cores shared out over --jobs; 1 on a shared machine, where "
+        "oversubscribed OpenMP spins)",
+    )  # fmt: skip
     args = parser.parse_args()
     args.infer_patch = args.infer_patch or args.patch
-    if args.threads:
-        torch.set_num_threads(args.threads)
 
     try:
         train_hu, test_hu = prepare(args)
@@ -290,35 +329,19 @@ def main() -> None:
         flush=True,
     )
 
-    def score(reconstruction: np.ndarray) -> ReconstructionMetrics:
-        return reconstruction_metrics(reconstruction, test_hu, DEFAULT_HU_WINDOW, labels=labels)
-
     rows: list[Row] = []
-    for method in args.methods:
-        if method in CLASSICAL:
-            start = time.perf_counter()
-            reconstruction = classical(test_hu, order=1 if method == "trilinear" else 3)
-            rows.append(Row(method, 0, 0.0, time.perf_counter() - start, score(reconstruction)))
-            print(f"{method}: {rows[-1].metrics}", flush=True)
-    for seed in args.seeds:
-        patches = sample_patches(train_hu, tuple(args.patch), args.steps * args.batch, np.random.default_rng(seed))
-        for method in (m for m in args.methods if m not in CLASSICAL):
-            torch.manual_seed(seed)
-            model = build(method, args.vqgan_codes)
-            params = sum(p.numel() for p in model.parameters())
-            start = time.perf_counter()
-            train(method, model, patches, args)
-            train_s = time.perf_counter() - start
-            routes = [(method, lambda: sliding_window(method, model, test_hu, args))]
-            if method.startswith("vqgan3d"):
-                routes = [(method, lambda: pipeline_route(model, test_hu, args))]
-                if not args.no_per_patch:
-                    routes.append((f"{method}-per-patch", lambda: sliding_window(method, model, test_hu, args)))
-            for name, run in routes:
-                start = time.perf_counter()
-                reconstruction = run()
-                rows.append(Row(name, params, train_s, time.perf_counter() - start, score(reconstruction), seed))
-                print(f"seed {seed} {name}: {rows[-1].metrics}", flush=True)
+    for method in (m for m in args.methods if m in CLASSICAL):
+        start = time.perf_counter()
+        reconstruction = classical(test_hu, order=1 if method == "trilinear" else 3)
+        rows.append(Row(method, 0, 0.0, time.perf_counter() - start, score(reconstruction, test_hu, labels)))
+        print(f"{method}: {rows[-1].metrics}", flush=True)
+    tasks = [(method, seed) for seed in args.seeds for method in args.methods if method not in CLASSICAL]
+    if args.jobs > 1 and tasks:
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            done = list(pool.map(learned_rows, *zip(*tasks), [args] * len(tasks)))
+    else:
+        done = [learned_rows(method, seed, args) for method, seed in tasks]
+    rows += [row for task_rows in done for row in task_rows]
     classical_rows = [row for row in rows if row.seed is None]
     for seed in args.seeds:
         print_table(classical_rows + [row for row in rows if row.seed == seed], f"seed {seed}, inference patch {args.infer_patch}")
