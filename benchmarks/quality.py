@@ -38,11 +38,11 @@ region. By default the volumes are block-averaged 4x in-plane (128x128, 2.3-2.5 
 slices) so the benchmark runs on CPU cores in minutes; ``--inplane 1`` keeps full resolution.
 
 Every learned model trains 2400 steps once per seed (0, 1, 2: patch sequence and initialisation),
-and the last table is the mean over seeds: a single 800-step run moved body PSNR by up to 4 dB
-between seeds, more than the models differ, and 800 steps left every model 2.5-3.5 dB short of
-where 2400 take it (BENCHMARKS.md).
+and the last table is the mean over seeds: at 800 steps one model's body PSNR moved by up to
+3.9 dB between seeds, more than the models differ, and every model was 2.4-3.6 dB short of
+where 2400 steps take it (BENCHMARKS.md).
 
-    python benchmarks/quality.py --jobs 2 --threads 1   # the table in BENCHMARKS.md (about 35 min on 2 cores)
+    python benchmarks/quality.py --jobs 2 --threads 1   # the table in BENCHMARKS.md (about 25 min on 2 cores)
     python benchmarks/quality.py --steps 20 --seeds 0 --methods trilinear vqgan3d-ema   # a quick look
 """
 
