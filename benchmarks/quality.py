@@ -13,12 +13,13 @@ loss: this compares the autoencoders, not GAN recipes.
   codes (12 bits per latent voxel; the preset's 256: 0.9 dB lower body PSNR on seed 0,
   BENCHMARKS.md) and commitment weight ``--vqgan-commitment`` 0.1 (0.25, the package default:
   every figure slightly worse over three seeds) and FSQ with levels (8, 6, 5) = 240 codes, scored
-  through ``CTPAReconstructionPipeline`` (its default route, the one a user gets: each patch
-  encoded, quantised and decoded, the decoded patches blended with gaussian weights; the volume
-  is padded at the end to a multiple of 4, the latent grid's contract) and, as
+  through ``CTPAReconstructionPipeline`` (its defaults, what a user gets: each patch encoded,
+  quantised and decoded, the decoded patches blended with linear ramps, 0.2-0.3 dB above its
+  gaussian blend; the volume is padded at the end to a multiple of 4, the latent grid's
+  contract) and, as
   ``...-monai-window``, the same model per patch through MONAI's ``sliding_window_inference``
-  (gaussian; the last patch moved inward instead of padding; 0.17 dB ahead on the mean, for
-  reasons not yet found, BENCHMARKS.md).
+  (gaussian weights clamped at 1e-3, so overlapping patch borders are averaged; the last patch
+  moved inward instead of padding).
 * ``monai-vqvae``: ``monai.networks.nets.VQVAE``, two stride-2 stages, 256 codes of dimension 8,
   MONAI's EMA decay 0.5 (with 0.99, as ours, its normal-initialised codebook collapses to 1-2 codes)
   and its own learning rate ``--vqvae-lr`` 1e-3 (at 2e-3 its codebook collapses to 4 codes by step 800).
@@ -208,10 +209,10 @@ def sliding_window(method: str, model: torch.nn.Module, hu: np.ndarray, args) ->
 
 
 def pipeline_route(model: VQGAN3D, hu: np.ndarray, args) -> np.ndarray:
-    """The package's default route: each patch encoded, quantised, decoded; decoded patches blended (gaussian)."""
+    """The package's defaults: each patch encoded, quantised, decoded; decoded patches blended with linear ramps."""
     pipeline = CTPAReconstructionPipeline(vqgan=model)
     pipeline.set_progress_bar_config(disable=True)
-    return pipeline(hu, patch_size=tuple(args.infer_patch), overlap=args.overlap, blend="gaussian").reconstruction
+    return pipeline(hu, patch_size=tuple(args.infer_patch), overlap=args.overlap).reconstruction
 
 
 def prepare(args) -> tuple[np.ndarray, np.ndarray]:
