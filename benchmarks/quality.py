@@ -12,10 +12,14 @@ loss: this compares the autoencoders, not GAN recipes.
 * ``vqgan3d-ema`` / ``vqgan3d-fsq``: ``VQGAN3D`` preset ``tiny`` with ``--vqgan-codes`` 4096 EMA
   codes (12 bits per latent voxel; the preset's 256: 0.9 dB lower body PSNR on seed 0,
   BENCHMARKS.md) and commitment weight ``--vqgan-commitment`` 0.1 (0.25, the package default:
-  every figure slightly worse over three seeds) and FSQ with levels (8, 6, 5) = 240 codes, scored through
-  ``CTPAReconstructionPipeline`` (the route a user and a DDPM get) and, as ``...-per-patch``,
-  with each patch run through the whole model and blended in pixels (MONAI
-  ``sliding_window_inference``, same grid, gaussian).
+  every figure slightly worse over three seeds) and FSQ with levels (8, 6, 5) = 240 codes, scored
+  through ``CTPAReconstructionPipeline`` (its defaults, what a user gets: each patch encoded,
+  quantised and decoded, the decoded patches blended with linear ramps, 0.2-0.3 dB above its
+  gaussian blend; the volume is padded at the end to a multiple of 4, the latent grid's
+  contract) and, as
+  ``...-monai-window``, the same model per patch through MONAI's ``sliding_window_inference``
+  (gaussian weights clamped at 1e-3, so overlapping patch borders are averaged; the last patch
+  moved inward instead of padding).
 * ``monai-vqvae``: ``monai.networks.nets.VQVAE``, two stride-2 stages, 256 codes of dimension 8,
   MONAI's EMA decay 0.5 (with 0.99, as ours, its normal-initialised codebook collapses to 1-2 codes)
   and its own learning rate ``--vqvae-lr`` 1e-3 (at 2e-3 its codebook collapses to 4 codes by step 800).
@@ -26,8 +30,8 @@ loss: this compares the autoencoders, not GAN recipes.
 * ``trilinear`` / ``tricubic``: 4x4x4 block mean (the same latent grid size), then
   ``scipy.ndimage.zoom`` back with order 1 / 3.
 
-The MONAI models and the per-patch route are scored with ``sliding_window_inference`` on the same
-patch grid, whose patch is the training patch by default: all these models normalise with
+The MONAI models and the ``-monai-window`` rows are scored with ``sliding_window_inference`` on
+the same patch size, whose patch is the training patch by default: all these models normalise with
 GroupNorm over the patch, and a 32x128x128 inference patch (16x the voxels seen in training)
 cost one VQGAN3D run 0.22 body SSIM and 38 HU in lung and made runs look bimodal (another run
 it served better in PSNR, worse in lung; BENCHMARKS.md).
@@ -205,10 +209,10 @@ def sliding_window(method: str, model: torch.nn.Module, hu: np.ndarray, args) ->
 
 
 def pipeline_route(model: VQGAN3D, hu: np.ndarray, args) -> np.ndarray:
-    """The package's route: encode patches, blend latents, quantise the grid, decode patch-wise."""
+    """The package's defaults: each patch encoded, quantised, decoded; decoded patches blended with linear ramps."""
     pipeline = CTPAReconstructionPipeline(vqgan=model)
     pipeline.set_progress_bar_config(disable=True)
-    return pipeline(hu, patch_size=tuple(args.infer_patch), overlap=args.overlap, blend="gaussian").reconstruction
+    return pipeline(hu, patch_size=tuple(args.infer_patch), overlap=args.overlap).reconstruction
 
 
 def prepare(args) -> tuple[np.ndarray, np.ndarray]:
@@ -278,8 +282,8 @@ def learned_rows(method: str, seed: int, args) -> list[Row]:
     routes = [(method, lambda: sliding_window(method, model, test_hu, args))]
     if method.startswith("vqgan3d"):
         routes = [(method, lambda: pipeline_route(model, test_hu, args))]
-        if not args.no_per_patch:
-            routes.append((f"{method}-per-patch", lambda: sliding_window(method, model, test_hu, args)))
+        if not args.no_monai_window:
+            routes.append((f"{method}-monai-window", lambda: sliding_window(method, model, test_hu, args)))
     rows = []
     for name, run in routes:
         start = time.perf_counter()
@@ -311,7 +315,7 @@ def main() -> None:
     )
     parser.add_argument("--overlap", type=float, default=0.25)
     parser.add_argument("--inplane", type=int, default=4, help="block-average this factor in-plane first (1: none)")
-    parser.add_argument("--no-per-patch", action="store_true", help="skip VQGAN3D's per-patch pixel-blended route")
+    parser.add_argument("--no-monai-window", action="store_true", help="skip VQGAN3D through MONAI's sliding window")
     parser.add_argument(
         "--seeds", type=int, nargs="+", default=[0, 1, 2], help="one training run per seed (patch sequence and initialisation); "
         "with several, a table per seed and one of the means"
