@@ -16,10 +16,9 @@ loss: this compares the autoencoders, not GAN recipes.
   through ``CTPAReconstructionPipeline`` (its defaults, what a user gets: each patch encoded,
   quantised and decoded, the decoded patches blended with linear ramps, 0.2-0.3 dB above its
   gaussian blend; the volume is padded at the end to a multiple of 4, the latent grid's
-  contract) and, as
-  ``...-monai-window``, the same model per patch through MONAI's ``sliding_window_inference``
-  (gaussian weights clamped at 1e-3, so overlapping patch borders are averaged; the last patch
-  moved inward instead of padding).
+  contract) and, as ``...-monai-window``, the same model per patch through MONAI's
+  ``sliding_window_inference`` (gaussian weights clamped at 1e-3, so overlapping patch borders
+  are averaged; the last patch moved inward instead of padding).
 * ``monai-vqvae``: ``monai.networks.nets.VQVAE``, two stride-2 stages, 256 codes of dimension 8,
   MONAI's EMA decay 0.5 (with 0.99, as ours, its normal-initialised codebook collapses to 1-2 codes)
   and its own learning rate ``--vqvae-lr`` 1e-3 (at 2e-3 its codebook collapses to 4 codes by step 800).
