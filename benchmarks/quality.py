@@ -263,14 +263,15 @@ def score(reconstruction: np.ndarray, test_hu: np.ndarray, labels: np.ndarray) -
     return reconstruction_metrics(reconstruction, test_hu, DEFAULT_HU_WINDOW, labels=labels)
 
 
-def learned_rows(method: str, seed: int, args) -> list[Row]:
-    """Train ``method`` on seed ``seed``'s patch sequence and score each of its routes on lung2.
+def learned_rows(
+    method: str, seed: int, args, train_hu: np.ndarray, test_hu: np.ndarray, labels: np.ndarray
+) -> list[Row]:
+    """Train ``method`` on seed ``seed``'s patch sequence of ``train_hu`` and score each of its
+    routes on ``test_hu`` (region ``labels``).
 
     One task of the run; with ``--jobs`` it runs in a worker process of its own.
     """
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // args.jobs))
-    train_hu, test_hu = prepare(args)
-    labels = region_labels(test_hu)
     patches = sample_patches(train_hu, tuple(args.patch), args.steps * args.batch, np.random.default_rng(seed))
     torch.manual_seed(seed)
     model = build(method, args.vqgan_codes, args.vqgan_commitment)
@@ -351,9 +352,10 @@ def main() -> None:
     tasks = [(method, seed) for seed in args.seeds for method in args.methods if method not in CLASSICAL]
     if args.jobs > 1 and tasks:
         with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            done = list(pool.map(learned_rows, *zip(*tasks), [args] * len(tasks)))
+            data = [[value] * len(tasks) for value in (args, train_hu, test_hu, labels)]
+            done = list(pool.map(learned_rows, *zip(*tasks), *data))
     else:
-        done = [learned_rows(method, seed, args) for method, seed in tasks]
+        done = [learned_rows(method, seed, args, train_hu, test_hu, labels) for method, seed in tasks]
     rows += [row for task_rows in done for row in task_rows]
     classical_rows = [row for row in rows if row.seed is None]
     for seed in args.seeds:
