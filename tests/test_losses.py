@@ -133,6 +133,17 @@ def test_random_slices_same_indices_for_every_volume_and_reproducible():
         random_slices(x, y[:, :, :5], n=2)
 
 
+def test_random_slices_are_drawn_where_the_volumes_are():
+    """Indices drawn by a generator on another device would be copied to the volumes' device:
+    from the CPU to a GPU that is a host synchronisation every training step, so it is refused.
+    Volumes on the meta device stand for a GPU's here (no values, nothing run on the host)."""
+    x = torch.empty(2, 1, 10, 8, 6, device="meta")
+    (slices,) = random_slices(x, n=3)  # no generator: drawn on the volumes' device
+    assert slices.device == x.device and slices.shape == (6, 1, 8, 6)
+    with pytest.raises(ValueError, match="generator on cpu.*volumes on meta"):
+        random_slices(x, n=3, generator=torch.Generator().manual_seed(0))
+
+
 def _patch_grid(size: int, n_layers: int) -> int:
     for _ in range(n_layers):
         size //= 2  # k4 s2 p1 halves

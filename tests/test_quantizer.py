@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ctpa_vq import VQGAN3D
 from ctpa_vq.models import EMAVectorQuantizer
+from ctpa_vq.models.quantizer import FiniteScalarQuantizer, code_counts
 
 
 def _latents(seed: int, batch: int = 2, channels: int = 4, shift: float = 0.0) -> torch.Tensor:
@@ -143,3 +146,28 @@ def test_training_step_never_waits_for_the_device(monkeypatch):
         out = model(x)
         (out.sample.square().mean() + out.commitment_loss).backward()
     assert calls == []
+
+
+def test_code_counts_equal_numpy_bincount():
+    rng = np.random.default_rng(0)
+    indices = rng.integers(0, 50, size=(2, 3, 4, 5))  # leaves some of the 64 codes unused
+    counts = code_counts(torch.from_numpy(indices), 64)
+    assert counts.dtype == torch.float32
+    np.testing.assert_array_equal(counts.numpy(), np.bincount(indices.ravel(), minlength=64))
+
+
+@pytest.mark.parametrize(
+    "quantizer", [EMAVectorQuantizer(num_codes=32, code_dim=4), FiniteScalarQuantizer([8, 5, 5, 5])], ids=["ema", "fsq"]
+)
+def test_training_forward_takes_no_shape_or_value_from_the_data(quantizer):
+    """Fake tensors (shapes and dtypes, no values) refuse every op that needs a tensor's values on
+    the host: a value read, or an output whose size depends on the data. ``bincount`` is one: on
+    CUDA it copies the largest index back to the host, a synchronisation every training step.
+    The training forward and backward of both quantizers must run on fake tensors."""
+    quantizer = quantizer.train()
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        quantizer.to_empty(device="cpu")  # fake storage for the buffers
+        z = torch.randn(2, 4, 4, 4, 4, requires_grad=True)
+        out = quantizer(z)
+        (out.z_q.square().mean() + out.commitment_loss + out.perplexity + out.codebook_usage).backward()
+    assert out.indices.shape == (2, 4, 4, 4)

@@ -17,7 +17,7 @@ from ssim_reference import ssim_full_kernel
 
 from ctpa_vq.data.phantom import write_phantom_dir
 from ctpa_vq.data.prepare import prepare_dataset
-from ctpa_vq.training import NonFiniteLossError, load_config
+from ctpa_vq.training import NonFiniteLossError, load_config, losses, steps
 from ctpa_vq.training.perceptual import PerceptualLoss2D
 from ctpa_vq.training.loop import MetricWindow, on_sync, step_schedules
 from ctpa_vq.training.metrics_log import MetricsLogger
@@ -356,6 +356,37 @@ def _steps_between_logs(prepared, tmp_path, monkeypatch) -> list[str]:
 def test_a_training_step_makes_no_host_sync_between_log_steps(prepared, tmp_path, monkeypatch):
     calls = _steps_between_logs(prepared, tmp_path, monkeypatch)
     assert calls == [], f"host syncs in the training step: {calls}"
+
+
+def test_the_critics_slices_are_drawn_by_a_generator_on_the_step_s_device(prepared, tmp_path, monkeypatch):
+    """A CPU generator on a GPU run drew the 2D critic's slice indices on the host and copied
+    them to the GPU, a host synchronisation every step. ``torch.Generator`` is wrapped to record
+    the device each generator is asked for (only a CPU exists here, so this checks the request);
+    the slices stay reproducible: the same micro-batch number draws the same slices."""
+    config = _config(prepared, tmp_path, "gan.start_step=0", "gan.image_gan_weight=1.0", "gan.volume_gan_weight=0")
+    parts = build_training(config, Accelerator(cpu=True))
+    asked: list[object] = []
+    real_generator = torch.Generator
+
+    def recording_generator(device=None):
+        asked.append(device)
+        return real_generator(device="cpu")
+
+    monkeypatch.setattr(torch, "Generator", recording_generator)
+    drawn: list[torch.Tensor] = []
+
+    def recording_slices(*volumes, **kwargs):
+        slices = losses.random_slices(*volumes, **kwargs)
+        drawn.append(slices[0])  # the real volume's slices
+        return slices
+
+    monkeypatch.setattr(steps, "random_slices", recording_slices)
+    x = _batch(parts, 2)
+    train_micro_batch(parts, x, 7)
+    train_micro_batch(parts, x, 7)
+    train_micro_batch(parts, x, 8)
+    assert asked == [x.device] * 3
+    assert torch.equal(drawn[0], drawn[1]) and not torch.equal(drawn[0], drawn[2])
 
 
 # ------------------------------------------------------------------------------ data order

@@ -15,6 +15,11 @@ import torch.nn.functional as F
 
 Triple = tuple[int, int, int]
 
+MAX_UPSAMPLE_ELEMENTS = 2**31 - 1
+"""The most elements one ``F.interpolate`` call produces: before torch 2.7, CUDA's
+``upsample_nearest3d`` indexes with int32 and rejects larger outputs (batch 2 of 128 channels x
+128x256x256 is 2^31)."""
+
 
 def stage_strides(downsample_factor: Sequence[int], num_stages: int) -> list[Triple]:
     """Per-stage strides (each 1 or 2 per axis) whose product is `downsample_factor`.
@@ -72,7 +77,20 @@ class Upsample3D(nn.Module):
         self.conv = nn.Conv3d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=self.scale, mode="nearest"))
+        return self.conv(self._upsample(x))
+
+    def _upsample(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, D, H, W)`` -> ``(B, C, D*sD, H*sH, W*sW)``, in batch chunks of at most
+        :data:`MAX_UPSAMPLE_ELEMENTS` output elements written into one output tensor."""
+        per_sample = math.prod(x.shape[1:]) * math.prod(self.scale)
+        chunk = max(1, MAX_UPSAMPLE_ELEMENTS // per_sample)
+        if x.shape[0] <= chunk:
+            return F.interpolate(x, scale_factor=self.scale, mode="nearest")
+        out = x.new_empty((*x.shape[:2], *(n * s for n, s in zip(x.shape[2:], self.scale))))
+        for start in range(0, x.shape[0], chunk):  # slices, not split(): autograd lets them be written
+            part = x[start : start + chunk]
+            out[start : start + chunk] = F.interpolate(part, scale_factor=self.scale, mode="nearest")
+        return out
 
 
 class _CheckpointedStack(nn.Module):

@@ -48,6 +48,18 @@ def _straight_through(z: torch.Tensor, z_q: torch.Tensor) -> torch.Tensor:
     return z + (z_q - z).detach() if z.requires_grad else z_q
 
 
+def code_counts(indices: torch.Tensor, num_codes: int) -> torch.Tensor:
+    """How often each code occurs in `indices` (any shape, int64): float32 `(num_codes,)`.
+
+    What ``torch.bincount(indices.flatten(), minlength=num_codes).float()`` gives, but its output
+    size does not depend on the values: CUDA's ``bincount`` reads the largest index back to the
+    host, a synchronisation every training step. Counted in int64, so exact at any batch size.
+    """
+    flat = indices.flatten()
+    counts = torch.zeros(num_codes, dtype=torch.long, device=flat.device)
+    return counts.index_add_(0, flat, torch.ones_like(flat)).float()
+
+
 def _histogram_stats(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Perplexity and usage fraction of a code histogram `(K,)`."""
     probs = counts / counts.sum().clamp(min=1)
@@ -153,7 +165,7 @@ class EMAVectorQuantizer(nn.Module):
             indices = flat_indices.view(b, d, h, w)
             z_q = F.embedding(indices, codebook).permute(0, 4, 1, 2, 3).contiguous()  # before the update
             commitment_loss = self.commitment_weight * F.mse_loss(z, z_q)
-            counts = torch.bincount(flat_indices, minlength=self.num_codes).float()
+            counts = code_counts(flat_indices, self.num_codes)
             restarted = torch.zeros((), dtype=torch.long, device=z.device)
             if self.training:
                 counts, restarted = self._update_codebook(flat, flat_indices, counts, min_distances)
@@ -270,7 +282,7 @@ class FiniteScalarQuantizer(nn.Module):
             rounded = _straight_through(bounded, bounded.round())
             codes = rounded / (self._levels // 2)
             indices = self._codes_to_indices(codes.detach())
-        counts = torch.bincount(indices.flatten(), minlength=self.num_codes).float()
+        counts = code_counts(indices, self.num_codes)
         if self.training and _distributed():  # eval may run on one rank alone: no collectives there
             dist.all_reduce(counts)
         perplexity, usage = _histogram_stats(counts)

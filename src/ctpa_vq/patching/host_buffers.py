@@ -10,10 +10,17 @@ class HostBuffers:
 
     Pinned memory makes ``non_blocking`` copies truly asynchronous; an event per buffer keeps a
     buffer from being refilled, or read, before the copy that last used it has finished.
+
+    Args:
+        pinned: whether the copies go through these buffers at all.
+        device: the GPU on the other side of the copies. They run on that GPU's current stream,
+            which is not the current device's when the GPU is, say, ``cuda:1`` in a process that
+            never called ``torch.cuda.set_device``; the events are recorded there.
     """
 
-    def __init__(self, pinned: bool) -> None:
+    def __init__(self, pinned: bool, device: torch.device) -> None:
         self.pinned = pinned
+        self.device = device
         self.buffers: list[torch.Tensor | None] = [None, None]
         self.events: list[torch.cuda.Event | None] = [None, None]
         self.turn = 0
@@ -28,9 +35,9 @@ class HostBuffers:
         return slot, buf[: shape[0]]
 
     def mark(self, slot: int) -> None:
-        """Record that the copy just issued on the current stream uses buffer ``slot``."""
+        """Record that the copy just issued on the device's current stream uses buffer ``slot``."""
         event = self.events[slot] = torch.cuda.Event()
-        event.record()
+        event.record(torch.cuda.current_stream(self.device))
 
     def wait(self, slot: int, buf: torch.Tensor) -> torch.Tensor:
         """``buf`` once the copy into buffer ``slot`` has finished."""

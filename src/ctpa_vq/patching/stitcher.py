@@ -198,8 +198,8 @@ class PatchStitcher:
         dtype = dtype or volume.dtype
         # Host <-> GPU copies go through two alternating pinned buffers, so that the host gathers
         # and accumulates one batch while the GPU computes the next.
-        upload = HostBuffers(pinned=device.type == "cuda" and volume.device.type == "cpu")
-        download = HostBuffers(pinned=device.type == "cuda" and out_device.type == "cpu")
+        upload = HostBuffers(pinned=device.type == "cuda" and volume.device.type == "cpu", device=device)
+        download = HostBuffers(pinned=device.type == "cuda" and out_device.type == "cpu", device=device)
         # Weights are applied where the patch output is: on the device before a download, else
         # fused into the accumulation on the output's device.
         weight_device = device if download.pinned else out_device

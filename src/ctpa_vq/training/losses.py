@@ -113,7 +113,8 @@ def random_slices(
 
     One draw of slice indices (``n`` per batch element, drawn from ``generator``) is applied to
     every volume, so the input and its reconstruction give matching ``(B * n, C, H, W)`` slices,
-    ordered batch element first.
+    ordered batch element first. The draw runs on the volumes' device: ``generator`` must be
+    there too (indices drawn on the host would be copied to the GPU, a host synchronisation).
     """
     if not volumes:
         raise ValueError("random_slices needs at least one volume")
@@ -125,9 +126,12 @@ def random_slices(
     batch, channels, depth, height, width = shape
     if not 1 <= n <= depth:
         raise ValueError(f"n must be in [1, {depth}] (the volume depth), got {n}")
-    device = generator.device if generator is not None else volumes[0].device
+    device = volumes[0].device
+    drawn_on = generator.device if generator is not None else device  # a CUDA generator may name no index
+    if drawn_on.type != device.type or drawn_on.index not in (None, device.index):
+        raise ValueError(f"random_slices: generator on {drawn_on}, volumes on {device}: draw where the volumes are")
     scores = torch.rand(batch, depth, generator=generator, device=device)
-    index = scores.argsort(dim=1)[:, :n].to(volumes[0].device)  # (B, n), distinct per row
+    index = scores.argsort(dim=1)[:, :n]  # (B, n), distinct per row
     rows = torch.arange(batch, device=index.device)[:, None]
     return tuple(
         v.transpose(1, 2)[rows, index].reshape(batch * n, channels, height, width) for v in volumes

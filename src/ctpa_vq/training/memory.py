@@ -273,8 +273,7 @@ class _HealthyStepValues(TorchDispatchMode):
 
     ``bool(t)`` of a check is True (finite input, codebook initialised); a count read with
     ``int(t)`` is 0 (no dead codes to restart); a value the fake tensor knows (made from a
-    Python number, like AdamW's step count) is that value. ``bincount`` returns ``minlength`` bins (the
-    code histogram: every index is below ``minlength``), which fake tensors cannot infer.
+    Python number, like AdamW's step count) is that value.
     """
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -284,10 +283,6 @@ class _HealthyStepValues(TorchDispatchMode):
                 return func(*args, **kwargs)
             except DataDependentOutputException:
                 return True if args[0].dtype == torch.bool else 0
-        if func is torch.ops.aten.bincount.default:
-            values, minlength = args[0], kwargs.get("minlength", args[2] if len(args) > 2 else 0)
-            dtype = torch.float64 if kwargs.get("weights", args[1] if len(args) > 1 else None) is not None else torch.int64
-            return torch.zeros(minlength, dtype=dtype, device=values.device)
         return func(*args, **kwargs)
 
 

@@ -161,8 +161,9 @@ def train_micro_batch(parts: TrainingParts, x: torch.Tensor, micro_batch: int) -
     """Generator then critics on one micro-batch (number `micro_batch` of the run); the logged terms."""
     config, accelerator = parts.config, parts.accelerator
     gan_on = parts.state.step >= config.gan.start_step
-    # Seeded from (seed, micro-batch, rank), so a resumed run draws the same slices.
-    slice_generator = torch.Generator().manual_seed(
+    # On the step's device (slice indices drawn on the host would be copied to the GPU, a host
+    # sync every step); seeded from (seed, micro-batch, rank), so a resumed run draws the same slices.
+    slice_generator = torch.Generator(device=x.device).manual_seed(
         hash((config.training.seed, micro_batch, accelerator.process_index)) % 2**63
     )
     models = [parts.model] + ([parts.discriminators] if parts.discriminators is not None else [])
