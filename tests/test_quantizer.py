@@ -108,6 +108,62 @@ def test_dead_codes_do_not_depend_on_the_batch_size():
     assert torch.allclose(counts_1 * 2, counts_2, rtol=1e-5)
 
 
+def test_a_nan_latent_neither_poisons_the_codebook_nor_crashes_the_next_steps():
+    """The issue's reproduction: a 64-code quantizer, one NaN latent, then three clean steps (before
+    the fix the NaN code took every latent and the restart divided by zero candidates)."""
+    quantizer = EMAVectorQuantizer(num_codes=64, code_dim=4).train()
+    quantizer(_latents(0))  # initialises the codebook
+    z = _latents(1)
+    z[0, :, 1, 2, 3] = float("nan")
+    codebook = quantizer.embedding.clone()
+    out = quantizer(z)
+    clean = _flat(z).isfinite().all(1)
+    expected = torch.cdist(_flat(z)[clean].double(), codebook.double()).argmin(dim=1)
+    assert torch.equal(out.indices.flatten()[clean], expected)
+    for step in range(2, 5):
+        quantizer(_latents(step))
+        for name in ("embedding", "cluster_size", "embed_sum"):
+            assert getattr(quantizer, name).isfinite().all(), f"step {step}: {name} is not finite"
+
+
+def test_non_finite_latents_update_the_codebook_as_if_they_were_not_there():
+    """A batch of two where one sample is NaN/inf (on the first step too, which initialises the
+    codebook from the batch's moments) moves counts, sums, restarts and indices exactly as the clean
+    sample alone does."""
+    with_poison = EMAVectorQuantizer(num_codes=64, code_dim=4, decay=0.8, dead_code_threshold=0.5).train()
+    clean_only = EMAVectorQuantizer(num_codes=64, code_dim=4, decay=0.8, dead_code_threshold=0.5).train()
+    restarts = []
+    for step in range(5):
+        z = _latents(step, batch=1, shift=2.0 * (step >= 3))
+        poison = torch.full_like(z, float("nan"))
+        poison[:, 1, ::2] = float("inf")
+        poison[:, 2, 1::2] = -float("inf")
+        poisoned = with_poison(torch.cat([z, poison]) if step in (0, 2, 3) else z)
+        reference = clean_only(z)
+        assert torch.equal(poisoned.indices[:1], reference.indices), f"step {step}"
+        assert torch.equal(poisoned.restarted_codes, reference.restarted_codes), f"step {step}"
+        for name in ("embedding", "cluster_size", "embed_sum"):
+            assert torch.allclose(getattr(with_poison, name), getattr(clean_only, name), rtol=1e-5, atol=1e-6), name
+        restarts.append(int(reference.restarted_codes))
+    assert sum(restarts[1:]) > 0, "the shifted data must force restarts while a poisoned sample is in the batch"
+
+
+def test_a_step_without_one_finite_latent_restarts_nothing():
+    """All latents non-finite: no candidate to restart onto (no division by zero), nothing initialised,
+    and after initialisation the codebook stays where it was."""
+    quantizer = EMAVectorQuantizer(num_codes=16, code_dim=4).train()
+    noise = quantizer.embedding.clone()
+    out = quantizer(torch.full((1, 4, 2, 2, 2), float("nan")))
+    assert int(out.restarted_codes) == 0 and not bool(quantizer.initialized)
+    assert torch.equal(quantizer.embedding, noise)
+    quantizer(_latents(0))
+    assert bool(quantizer.initialized)
+    codebook = quantizer.embedding.clone()
+    out = quantizer(torch.full((1, 4, 2, 2, 2), float("inf")))
+    assert int(out.restarted_codes) == 0
+    assert torch.allclose(quantizer.embedding, codebook, rtol=1e-5)
+
+
 def test_threshold_outside_zero_one_is_refused():
     with pytest.raises(ValueError, match="dead_code_threshold"):
         EMAVectorQuantizer(num_codes=8, code_dim=4, dead_code_threshold=2.0)
