@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ctpa_vq import VQGAN3D
 from ctpa_vq.models import EMAVectorQuantizer
+from ctpa_vq.training.config import TrainingConfig
+from ctpa_vq.training.setup import configure_backends
 
 
 def _latents(seed: int, batch: int = 2, channels: int = 4, shift: float = 0.0) -> torch.Tensor:
@@ -179,6 +182,126 @@ def test_chunked_nearest_codes_equal_the_full_matrix(budget_bytes):
     distances, indices = nearest_codes(flat, codebook, budget_bytes=budget_bytes)
     assert torch.equal(indices, exact.argmin(dim=1))
     assert torch.allclose(distances.double(), exact.min(dim=1).values.square(), atol=1e-4)
+
+
+def _round_mantissa(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """fp32 `x` rounded (to nearest, ties to even) to `bits` explicit mantissa bits: 10 TF32, 7 bf16."""
+    dropped = 23 - bits
+    raw = x.contiguous().view(torch.int32)
+    rounded = raw + ((1 << (dropped - 1)) - 1) + ((raw >> dropped) & 1)
+    return (rounded & ~((1 << dropped) - 1)).view(torch.float32)
+
+
+class _ReducedPrecisionMatmuls(TorchDispatchMode):
+    """Emulates on CPU what a backend does with fp32 matmuls when its `fp32_precision` setting asks for
+    less: cuBLAS (`torch.backends.cuda.matmul`, "tf32") multiplies TF32-rounded operands, oneDNN
+    (`torch.backends.mkldnn.matmul`) TF32- or bf16-rounded ones; products are summed in fp32.
+    The setting is read when each matmul runs, as the backends read it, and recorded."""
+
+    MATMULS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+               torch.ops.aten.baddbmm.default)  # fmt: skip
+    MANTISSA_BITS = {"tf32": 10, "bf16": 7}
+
+    def __init__(self, setting):
+        super().__init__()
+        self.setting = setting
+        self.precisions: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.MATMULS and args[-1].dtype == torch.float32:  # the operands are the last two
+            precision = self.setting.fp32_precision
+            self.precisions.append(precision)
+            if precision in self.MANTISSA_BITS:
+                bits = self.MANTISSA_BITS[precision]
+                args = (*args[:-2], _round_mantissa(args[-2], bits), _round_mantissa(args[-1], bits))
+        return func(*args, **(kwargs or {}))
+
+
+def _turn_on_tf32_as_training_does() -> None:
+    configure_backends(TrainingConfig(tf32=True), torch.device("cuda"))  # only sets flags: no GPU needed
+
+
+REDUCED_PRECISION = {  # backend setting -> how a user or a run turns reduced-precision fp32 matmuls on
+    "cuda": (torch.backends.cuda.matmul, _turn_on_tf32_as_training_does),
+    "mkldnn": (torch.backends.mkldnn.matmul, lambda: torch.set_float32_matmul_precision("medium")),
+}
+
+
+@pytest.fixture
+def matmul_precision_restored():
+    settings = [setting for setting, _ in REDUCED_PRECISION.values()]
+    saved = [setting.fp32_precision for setting in settings]
+    yield
+    torch.set_float32_matmul_precision("highest")  # the legacy setting, then the new ones as they were
+    for setting, precision in zip(settings, saved):
+        setting.fp32_precision = precision
+
+
+def _latents_and_codebook(num_codes: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """4096 latents `(1, 8, 16, 16, 16)` and a codebook `(num_codes, 8)` around them, off the origin as trained ones are."""
+    g = torch.Generator().manual_seed(4)
+    return torch.randn(1, 8, 16, 16, 16, generator=g) + 3.0, torch.randn(num_codes, 8, generator=g) + 3.0
+
+
+@pytest.mark.parametrize("backend", sorted(REDUCED_PRECISION))
+def test_emulated_reduced_precision_would_move_code_assignments(backend, matmul_precision_restored):
+    """Guards the test below: under the emulation an fp32 addmm search (the search's formula)
+    assigns over 0.5% of these latents to another code than in IEEE fp32."""
+    setting, turn_on = REDUCED_PRECISION[backend]
+    z, codebook = _latents_and_codebook()
+    flat = _flat(z)
+
+    def search() -> torch.Tensor:
+        return torch.addmm(codebook.pow(2).sum(1), flat, codebook.t(), alpha=-2.0).argmin(dim=1)
+
+    ieee = search()
+    turn_on()
+    with _ReducedPrecisionMatmuls(setting):
+        reduced = search()
+    assert (reduced != ieee).float().mean() > 0.005
+
+
+@pytest.mark.parametrize("backend", sorted(REDUCED_PRECISION))
+def test_nearest_code_search_stays_ieee_fp32_when_tf32_or_bf16_matmuls_are_on(backend, matmul_precision_restored):
+    """`training.tf32` (or a global `set_float32_matmul_precision`) must not reach the code search:
+    its indices are the data the downstream model learns. The caller's setting is back afterwards."""
+    setting, turn_on = REDUCED_PRECISION[backend]
+    z, codebook = _latents_and_codebook()
+    quantizer = EMAVectorQuantizer(num_codes=codebook.shape[0], code_dim=8).eval()
+    quantizer.embedding.copy_(codebook)
+    ieee = quantizer(z).indices  # the default settings: IEEE fp32 on every backend
+    exact = torch.cdist(_flat(z).double(), codebook.double()).argmin(dim=1)
+    assert (ieee.flatten() != exact).sum() <= 2, "IEEE fp32 differs from the exact search in near-ties only"
+    turn_on()
+    caller_setting = (setting.fp32_precision, torch.get_float32_matmul_precision())
+    with _ReducedPrecisionMatmuls(setting) as emulated:
+        indices = quantizer(z).indices
+    assert emulated.precisions, "the emulation saw no fp32 matmul of the search"
+    assert torch.equal(indices, ieee)
+    assert (setting.fp32_precision, torch.get_float32_matmul_precision()) == caller_setting
+
+
+class _LegacyMatmulPrecision:
+    """torch < 2.9's one setting, as its cuBLAS reads it: TF32 unless "highest"."""
+
+    @property
+    def fp32_precision(self) -> str:
+        return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+def test_before_torch_2_9_the_search_switches_the_legacy_setting(monkeypatch, matmul_precision_restored):
+    """torch 2.7-2.8 have no per-backend `fp32_precision`: the search falls back to the one legacy
+    setting (here the new API is hidden as those versions lack it), and restores it."""
+    z, codebook = _latents_and_codebook()
+    quantizer = EMAVectorQuantizer(num_codes=codebook.shape[0], code_dim=8).eval()
+    quantizer.embedding.copy_(codebook)
+    ieee = quantizer(z).indices
+    torch.set_float32_matmul_precision("high")
+    monkeypatch.setattr(torch.backends.cuda, "matmul", object())  # torch.backends.cuda.matmul without fp32_precision
+    with _ReducedPrecisionMatmuls(_LegacyMatmulPrecision()) as emulated:
+        indices = quantizer(z).indices
+    assert emulated.precisions and torch.equal(indices, ieee)
+    assert torch.get_float32_matmul_precision() == "high"
 
 
 def test_training_step_never_waits_for_the_device(monkeypatch):

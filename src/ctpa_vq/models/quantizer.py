@@ -6,8 +6,9 @@ Both take continuous latents ``z`` of shape ``(B, C, d, h, w)`` and return a
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -55,6 +56,37 @@ def _histogram_stats(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return perplexity, (counts > 0).float().mean()
 
 
+@contextmanager
+def _ieee_fp32_matmuls() -> Iterator[None]:
+    """fp32 matmuls in IEEE fp32 inside: no TF32 on CUDA (`training.tf32`), no TF32 or bf16 in oneDNN
+    on CPU (`torch.set_float32_matmul_precision`). Process-wide, as these settings are; restored on exit.
+
+    torch >= 2.9 has a setting per backend (`fp32_precision`, which its matmul kernels read; only
+    these are touched, so a caller's legacy `allow_tf32` reads the same afterwards); before, the one
+    `float32_matmul_precision`.
+    """
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        settings = (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
+        saved, ieee = [setting.fp32_precision for setting in settings], ["ieee"] * len(settings)
+
+        def apply(precisions: list[str]) -> None:
+            for setting, precision in zip(settings, precisions):
+                setting.fp32_precision = precision
+
+    else:
+        saved, ieee = [torch.get_float32_matmul_precision()], ["highest"]
+
+        def apply(precisions: list[str]) -> None:
+            torch.set_float32_matmul_precision(precisions[0])
+
+    apply(ieee)
+    try:
+        yield
+    finally:
+        apply(saved)
+
+
+@torch.compiler.disable  # eager under torch.compile: the precision switch is host state Dynamo cannot trace
 def nearest_codes(
     flat: torch.Tensor, codebook: torch.Tensor, budget_bytes: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,15 +95,18 @@ def nearest_codes(
     `flat` `(N, C)` and `codebook` `(K, C)` -> `(N,)` distances and `(N,)` int64 indices. The
     latents go in chunks whose `(chunk, K)` fp32 score matrix fits in `budget_bytes`
     (`DISTANCE_BUDGET_BYTES`): at 128x256x256 with 16384 codes the full matrix would be 8.6 GB.
+    The matmuls run in IEEE fp32 even where TF32 is on: the indices are a downstream model's data,
+    and TF32's 10-bit mantissa moves 0.1-2% of them to another code.
     """
     rows = max(1, (budget_bytes or DISTANCE_BUDGET_BYTES) // (4 * codebook.shape[0]))
     code_norms = codebook.pow(2).sum(1)
     distances, indices = [], []
-    for chunk in flat.split(rows):
-        # ||z - c||^2 = ||z||^2 + (||c||^2 - 2 z.c): the argmin needs the bracket only.
-        best = torch.addmm(code_norms, chunk, codebook.t(), alpha=-2.0).min(dim=1)
-        distances.append(best.values + chunk.pow(2).sum(1))
-        indices.append(best.indices)
+    with _ieee_fp32_matmuls():
+        for chunk in flat.split(rows):
+            # ||z - c||^2 = ||z||^2 + (||c||^2 - 2 z.c): the argmin needs the bracket only.
+            best = torch.addmm(code_norms, chunk, codebook.t(), alpha=-2.0).min(dim=1)
+            distances.append(best.values + chunk.pow(2).sum(1))
+            indices.append(best.indices)
     return torch.cat(distances), torch.cat(indices)
 
 
