@@ -303,3 +303,14 @@ def test_push_scrubs_local_paths_and_describes_the_data(hub, tmp_path):
     push_to_hub(folder, "lab/scrubbed", endpoint=hub, token=TOKEN, dataset_dir=dataset)
     again = ModelCard.load(api.hf_hub_download("lab/scrubbed", "README.md", cache_dir=tmp_path / "cache2"))
     assert [entry["step"] for entry in again.data.to_dict()["version_history"]] == [10, 20]
+
+
+def test_card_reports_validation_quality_not_the_ssim_training_loss(model_dir):
+    """metrics.csv's `ssim_loss` column (1 - SSIM, a training term) is not an SSIM result of the model."""
+    from ctpa_vq.hub import build_model_card
+
+    (model_dir / "metrics.csv").write_text("step,loss,l1,ssim_loss,val_psnr,val_ssim\n5,0.3,0.05,0.2,,\n5,,,,27.5,0.81\n")
+    card = build_model_card(model_dir, "lab/ctpa-vq-tiny")
+    reported = {r.metric_name: r.metric_value for r in card.data.eval_results}
+    assert reported == {"val_psnr": 27.5, "val_ssim": 0.81}
+    assert set(card.data.to_dict()["version_history"][-1]["metrics"]) == {"val_psnr", "val_ssim"}

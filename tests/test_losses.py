@@ -75,6 +75,19 @@ def test_ssim_loss_is_one_minus_the_gaussian_ssim_zero_for_identical_and_differe
         ssim_loss(target[:, :, :8], target[:, :, :8])
 
 
+def test_ssim_loss_under_bf16_autocast_is_the_fp32_loss():
+    """Autocast runs conv3d in bf16: the local variances (E[x^2] - E[x]^2) of a good reconstruction
+    then lose most of their digits; the loss must be computed in fp32 whatever the context."""
+    generator = torch.Generator().manual_seed(1)
+    target = torch.rand(1, 1, 16, 24, 24, generator=generator) * 2 - 1
+    reconstruction = (target + 0.05 * torch.randn(target.shape, generator=generator)).requires_grad_()
+    fp32 = ssim_loss(reconstruction, target)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = ssim_loss(reconstruction, target)
+    assert autocast.dtype == torch.float32
+    assert autocast.item() == pytest.approx(fp32.item(), rel=1e-6)
+
+
 def test_hinge_discriminator_loss_values():
     plus2, minus2 = torch.full((2, 1, 3, 3), 2.0), torch.full((2, 1, 3, 3), -2.0)
     assert hinge_discriminator_loss(plus2, minus2).item() == 0.0

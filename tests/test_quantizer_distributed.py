@@ -1,5 +1,6 @@
 """Under torch.distributed (2 CPU processes, gloo): dead codes restart identically on every
-replica, and 2 processes with B samples each equal 1 process with 2B."""
+replica, and 2 processes with B samples each equal 1 process with 2B, also when one process's
+batch holds a non-finite latent."""
 
 from __future__ import annotations
 
@@ -14,13 +15,17 @@ from ctpa_vq.models import EMAVectorQuantizer
 
 
 THRESHOLD, DECAY, STEPS, SHIFT_AT = 0.3, 0.8, 14, 4
+NON_FINITE = {(2, 1): float("nan"), (SHIFT_AT + 1, 0): float("inf")}  # (step, rank): one latent's channel 0
 
 
 def _data(step: int, rank: int) -> torch.Tensor:
     """Rank `rank`'s batch at `step`: near the origin, then far away (codes starve and restart)."""
     g = torch.Generator().manual_seed(1000 * step + rank)
     shift = 6.0 if step >= SHIFT_AT else 0.0
-    return torch.randn(2, 4, 3, 4, 4, generator=g) * (rank + 1) + rank + shift
+    z = torch.randn(2, 4, 3, 4, 4, generator=g) * (rank + 1) + rank + shift
+    if (step, rank) in NON_FINITE:
+        z[1, 0, 2, 3, 1] = NON_FINITE[step, rank]
+    return z
 
 
 def _quantizer() -> EMAVectorQuantizer:
@@ -63,6 +68,8 @@ def test_replicas_hold_identical_codebooks_after_restarts(replicas):
     for key in ("embedding", "cluster_size", "embed_sum", "initialized"):
         assert torch.equal(a["state"][key], b["state"][key]), key
     assert bool(a["state"]["initialized"])
+    for key in ("embedding", "cluster_size", "embed_sum"):
+        assert a["state"][key].isfinite().all(), f"{key}: a non-finite latent on one rank reached the codebook"
 
 
 @pytest.mark.slow

@@ -19,7 +19,7 @@ from ctpa_vq.data.phantom import write_phantom_dir
 from ctpa_vq.data.prepare import prepare_dataset
 from ctpa_vq.training import NonFiniteLossError, load_config, losses, steps
 from ctpa_vq.training.perceptual import PerceptualLoss2D
-from ctpa_vq.training.loop import MetricWindow, on_sync, step_schedules
+from ctpa_vq.training.loop import MetricWindow, on_sync, step_schedules, train
 from ctpa_vq.training.metrics_log import MetricsLogger
 from ctpa_vq.training.setup import build_accelerator, build_training, configure_backends
 from ctpa_vq.training.steps import model_input, train_micro_batch
@@ -157,10 +157,25 @@ def test_recipe_dense_weight_and_threshold_in_hu_reach_the_reconstruction_loss(p
 def test_recipe_ssim_weight_adds_one_minus_ssim_to_the_loss(prepared, tmp_path):
     parts = build_training(_config(prepared, tmp_path, "model.ssim_weight=2.0"), Accelerator(cpu=True))
     terms, x, reconstruction = _l1_term_and_batch(parts)
-    assert terms["ssim"].item() == pytest.approx(1 - ssim_full_kernel(reconstruction, x).item(), abs=1e-5)
+    assert terms["ssim_loss"].item() == pytest.approx(1 - ssim_full_kernel(reconstruction, x).item(), abs=1e-5)
     plain_l1 = (reconstruction - x).abs().mean()
-    expected = parts.config.model.l1_weight * plain_l1 + 2.0 * terms["ssim"] + terms["commitment"]
+    expected = parts.config.model.l1_weight * plain_l1 + 2.0 * terms["ssim_loss"] + terms["commitment"]
     assert terms["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.slow  # the whole loop: two steps, validation, checkpoint and export
+def test_the_loop_logs_the_ssim_term_to_metrics_csv(prepared, tmp_path):
+    """`model.ssim_weight > 0` through `train`: its log step used to stop on a term metrics.csv had no column for."""
+    config = _config(prepared, tmp_path, "model.ssim_weight=0.5", "training.max_steps=2", "training.log_every=1")
+    train(config)
+    with (tmp_path / "run" / "metrics.csv").open() as f:
+        logged = [row for row in csv.DictReader(f) if row["loss"]]
+    assert [int(row["step"]) for row in logged] == [1, 2]
+    for row in logged:
+        ssim, l1, commitment = float(row["ssim_loss"]), float(row["l1"]), float(row["commitment"])
+        assert 0 < ssim < 1
+        expected = config.model.l1_weight * l1 + commitment + 0.5 * ssim  # the logged term is the one in the loss
+        assert float(row["loss"]) == pytest.approx(expected, rel=1e-5)
 
 
 def test_the_default_recipe_trains_on_plain_l1():

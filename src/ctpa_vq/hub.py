@@ -279,10 +279,17 @@ def _clipped_note(metrics: LastMetrics | None) -> str:
     return f"Fraction of voxels clipped in the run's data: {listed}."
 
 
+def _quality_kind(name: str) -> str | None:
+    """"psnr" or "ssim" for a column that scores the model, None otherwise (a training loss such as `ssim_loss`)."""
+    if name.lower().endswith("_loss"):
+        return None
+    return next((k for k in ("psnr", "ssim") if k in name.lower()), None)
+
+
 def _eval_results(metrics: LastMetrics | None, dataset: str) -> list[EvalResult]:
     results = []
     for name, value in sorted((metrics.values if metrics else {}).items()):
-        kind = next((k for k in ("psnr", "ssim") if k in name.lower()), None)
+        kind = _quality_kind(name)
         if kind:
             results.append(EvalResult(
                 task_type="image-to-image", task_name="CT volume reconstruction",
@@ -343,7 +350,7 @@ def build_model_card(
     version_history = _with_history(list(history or []), {
         "ctpa_vq": __version__,
         "step": last.step if last else None,
-        "metrics": {k: round(v, 4) for k, v in sorted(last.values.items()) if "psnr" in k or "ssim" in k} if last else {},
+        "metrics": {k: round(v, 4) for k, v in sorted(last.values.items()) if _quality_kind(k)} if last else {},
     })
     card_data = ModelCardData(
         model_name=repo_id.split("/")[-1],

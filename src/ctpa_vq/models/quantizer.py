@@ -6,8 +6,9 @@ Both take continuous latents ``z`` of shape ``(B, C, d, h, w)`` and return a
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -48,16 +49,18 @@ def _straight_through(z: torch.Tensor, z_q: torch.Tensor) -> torch.Tensor:
     return z + (z_q - z).detach() if z.requires_grad else z_q
 
 
-def code_counts(indices: torch.Tensor, num_codes: int) -> torch.Tensor:
+def code_counts(indices: torch.Tensor, num_codes: int, include: torch.Tensor | None = None) -> torch.Tensor:
     """How often each code occurs in `indices` (any shape, int64): float32 `(num_codes,)`.
 
-    What ``torch.bincount(indices.flatten(), minlength=num_codes).float()`` gives, but its output
+    `include` (bool, the shape of `indices`) leaves out the positions where it is False. What
+    ``torch.bincount(indices.flatten(), minlength=num_codes).float()`` gives, but its output
     size does not depend on the values: CUDA's ``bincount`` reads the largest index back to the
     host, a synchronisation every training step. Counted in int64, so exact at any batch size.
     """
     flat = indices.flatten()
+    ones = torch.ones_like(flat) if include is None else include.flatten().long()
     counts = torch.zeros(num_codes, dtype=torch.long, device=flat.device)
-    return counts.index_add_(0, flat, torch.ones_like(flat)).float()
+    return counts.index_add_(0, flat, ones).float()
 
 
 def _histogram_stats(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,6 +70,37 @@ def _histogram_stats(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return perplexity, (counts > 0).float().mean()
 
 
+@contextmanager
+def _ieee_fp32_matmuls() -> Iterator[None]:
+    """fp32 matmuls in IEEE fp32 inside: no TF32 on CUDA (`training.tf32`), no TF32 or bf16 in oneDNN
+    on CPU (`torch.set_float32_matmul_precision`). Process-wide, as these settings are; restored on exit.
+
+    torch >= 2.9 has a setting per backend (`fp32_precision`, which its matmul kernels read; only
+    these are touched, so a caller's legacy `allow_tf32` reads the same afterwards); before, the one
+    `float32_matmul_precision`.
+    """
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        settings = (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
+        saved, ieee = [setting.fp32_precision for setting in settings], ["ieee"] * len(settings)
+
+        def apply(precisions: list[str]) -> None:
+            for setting, precision in zip(settings, precisions):
+                setting.fp32_precision = precision
+
+    else:
+        saved, ieee = [torch.get_float32_matmul_precision()], ["highest"]
+
+        def apply(precisions: list[str]) -> None:
+            torch.set_float32_matmul_precision(precisions[0])
+
+    apply(ieee)
+    try:
+        yield
+    finally:
+        apply(saved)
+
+
+@torch.compiler.disable  # eager under torch.compile: the precision switch is host state Dynamo cannot trace
 def nearest_codes(
     flat: torch.Tensor, codebook: torch.Tensor, budget_bytes: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,15 +109,18 @@ def nearest_codes(
     `flat` `(N, C)` and `codebook` `(K, C)` -> `(N,)` distances and `(N,)` int64 indices. The
     latents go in chunks whose `(chunk, K)` fp32 score matrix fits in `budget_bytes`
     (`DISTANCE_BUDGET_BYTES`): at 128x256x256 with 16384 codes the full matrix would be 8.6 GB.
+    The matmuls run in IEEE fp32 even where TF32 is on: the indices are a downstream model's data,
+    and TF32's 10-bit mantissa moves 0.1-2% of them to another code.
     """
     rows = max(1, (budget_bytes or DISTANCE_BUDGET_BYTES) // (4 * codebook.shape[0]))
     code_norms = codebook.pow(2).sum(1)
     distances, indices = [], []
-    for chunk in flat.split(rows):
-        # ||z - c||^2 = ||z||^2 + (||c||^2 - 2 z.c): the argmin needs the bracket only.
-        best = torch.addmm(code_norms, chunk, codebook.t(), alpha=-2.0).min(dim=1)
-        distances.append(best.values + chunk.pow(2).sum(1))
-        indices.append(best.indices)
+    with _ieee_fp32_matmuls():
+        for chunk in flat.split(rows):
+            # ||z - c||^2 = ||z||^2 + (||c||^2 - 2 z.c): the argmin needs the bracket only.
+            best = torch.addmm(code_norms, chunk, codebook.t(), alpha=-2.0).min(dim=1)
+            distances.append(best.values + chunk.pow(2).sum(1))
+            indices.append(best.indices)
     return torch.cat(distances), torch.cat(indices)
 
 
@@ -106,6 +143,10 @@ class EMAVectorQuantizer(nn.Module):
        draw; that step uses it rescaled to the batch's per-channel mean and std (all processes;
        the moments cost one all-reduce of 2C + 1 numbers per step instead of a host check of
        the flag). Codes the first batch leaves unused are dead and restart at once.
+
+    A latent vector with a NaN or infinite component (one overflowing activation) is still given an
+    index, but enters none of the above: not the moments, counts and sums, nor the restart offers.
+    A step without one finite latent on any process changes no code and restarts none.
 
     Nothing here waits for the device: the branches are tensor masks (`torch.where`), so a
     training step never synchronises the host. The ``initialized`` flag is a saved buffer: a
@@ -160,36 +201,46 @@ class EMAVectorQuantizer(nn.Module):
         with torch.autocast(device_type=z.device.type, enabled=False):
             z = z.float()
             flat = z.permute(0, 2, 3, 4, 1).reshape(-1, self.code_dim)
-            codebook = self._codebook_of_this_step(flat) if self.training else self.embedding.float()
+            finite = flat.isfinite().all(1)  # (N,): the latents the codebook may learn from
+            clean = torch.where(finite[:, None], flat, 0.0)
+            codebook = self._codebook_of_this_step(clean, finite) if self.training else self.embedding.float()
             min_distances, flat_indices = nearest_codes(flat, codebook)
             indices = flat_indices.view(b, d, h, w)
             z_q = F.embedding(indices, codebook).permute(0, 4, 1, 2, 3).contiguous()  # before the update
             commitment_loss = self.commitment_weight * F.mse_loss(z, z_q)
-            counts = code_counts(flat_indices, self.num_codes)
+            counts = code_counts(flat_indices, self.num_codes, include=finite)
             restarted = torch.zeros((), dtype=torch.long, device=z.device)
             if self.training:
-                counts, restarted = self._update_codebook(flat, flat_indices, counts, min_distances)
+                scores = torch.where(finite, min_distances, float("-inf"))  # never a restart offer
+                counts, restarted = self._update_codebook(clean, flat_indices, counts, scores)
             z_q = _straight_through(z, z_q)
         perplexity, usage = _histogram_stats(counts)
         return QuantizerOutput(z_q.to(in_dtype), indices, commitment_loss, perplexity, usage, restarted)
 
     @torch.no_grad()
-    def _codebook_of_this_step(self, flat: torch.Tensor) -> torch.Tensor:
-        """The codebook, or before initialisation the noise in it rescaled to the batch's moments."""
-        moments = torch.cat([flat.sum(0), flat.pow(2).sum(0), flat.new_full((1,), flat.shape[0])])
+    def _codebook_of_this_step(self, clean: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
+        """The codebook, or before initialisation the noise in it rescaled to the moments of the
+        batch's finite latents (`clean` `(N, C)`, zero where `finite` `(N,)` is False)."""
+        moments = torch.cat([clean.sum(0), clean.pow(2).sum(0), finite.sum(0, keepdim=True).float()])
         if _distributed():
             dist.all_reduce(moments)
         total, total_sq, n = moments.split([self.code_dim, self.code_dim, 1])
+        n = n.clamp(min=1)  # no finite latent anywhere: zero moments, not 0 / 0
         mean = total / n
         std = (total_sq / n - mean.square()).clamp(min=0).sqrt()
         return torch.where(self.initialized, self.embedding, mean + std * self.embedding)
 
     @torch.no_grad()
     def _update_codebook(
-        self, flat: torch.Tensor, flat_indices: torch.Tensor, counts: torch.Tensor, min_distances: torch.Tensor
+        self, clean: torch.Tensor, flat_indices: torch.Tensor, counts: torch.Tensor, scores: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """EMA update and restarts from this step's assignments; returns the global histogram and the restart count."""
-        sums = torch.zeros_like(self.embed_sum, dtype=torch.float32).index_add_(0, flat_indices, flat)
+        """EMA update and restarts from this step's assignments; returns the global histogram and the restart count.
+
+        `clean` `(N, C)` are the latents with the non-finite ones zeroed, `counts` `(K,)` their
+        histogram without the non-finite ones, `scores` `(N,)` the distances to the nearest code,
+        -inf for the non-finite latents.
+        """
+        sums = torch.zeros_like(self.embed_sum, dtype=torch.float32).index_add_(0, flat_indices, clean)
         if _distributed():
             stats = torch.cat([counts[:, None], sums], dim=1)
             dist.all_reduce(stats)
@@ -198,37 +249,40 @@ class EMAVectorQuantizer(nn.Module):
         self.embed_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
         total = self.cluster_size.sum()
         smoothed = (self.cluster_size + self.eps) / (total + self.num_codes * self.eps) * total
-        self.embedding.copy_(self.embed_sum / smoothed[:, None])
-        restarted = self._restart_dead_codes(flat, min_distances)
-        self.initialized.fill_(True)
+        # total is 0 only before initialisation, on a step without one finite latent: nothing to learn.
+        self.embedding.copy_(torch.where(total > 0, self.embed_sum / smoothed[:, None], self.embedding))
+        restarted = self._restart_dead_codes(clean, scores)
+        self.initialized.logical_or_(total > 0)
         return counts, restarted
 
     @torch.no_grad()
-    def _restart_dead_codes(self, flat: torch.Tensor, min_distances: torch.Tensor) -> torch.Tensor:
+    def _restart_dead_codes(self, clean: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         """Move dead codes onto the worst-represented latents (see the class docstring); returns how many."""
         mean_count = self.cluster_size.mean()
-        dead = self.cluster_size <= self.dead_code_threshold * mean_count
-        candidates, num_candidates = self._worst_represented(flat, min_distances)
+        candidates, num_candidates = self._worst_represented(clean, scores)
+        # No finite latent on any process: nothing to restart onto this step.
+        dead = (self.cluster_size <= self.dead_code_threshold * mean_count) & (num_candidates > 0)
         # The i-th dead code takes the i-th worst latent (cycling when there are fewer latents).
-        slot = (dead.long().cumsum(0) - 1).clamp(min=0) % num_candidates
+        slot = (dead.long().cumsum(0) - 1).clamp(min=0) % num_candidates.clamp(min=1)
         replacement = candidates[slot]
         self.embedding.copy_(torch.where(dead[:, None], replacement, self.embedding))
         self.embed_sum.copy_(torch.where(dead[:, None], replacement * mean_count, self.embed_sum))
         self.cluster_size.copy_(torch.where(dead, mean_count, self.cluster_size))
         return dead.sum()
 
-    def _worst_represented(self, flat: torch.Tensor, min_distances: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The K latents farthest from their nearest code, over all processes.
+    def _worst_represented(self, clean: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The K latents of `clean` `(N, C)` with the highest `scores` `(N,)` (distance to their nearest
+        code; -inf: never offered), over all processes.
 
         Returns `(K, C)` latents, worst first, and how many of them are real (fewer when the
-        global batch has fewer than K latents; the rest is padding).
+        global batch has fewer than K finite latents; the rest is padding).
 
         Each process offers its own K worst (padded with -inf scores when it has fewer latents);
         the K worst of all offers are the K worst of the global batch.
         """
-        k = min(self.num_codes, flat.shape[0])
-        worst = min_distances.topk(k)
-        offers = torch.cat([worst.values[:, None], flat[worst.indices]], dim=1)
+        k = min(self.num_codes, clean.shape[0])
+        worst = scores.topk(k)
+        offers = torch.cat([worst.values[:, None], clean[worst.indices]], dim=1)
         offers = F.pad(offers, (0, 0, 0, self.num_codes - k), value=float("-inf"))
         if _distributed():
             gathered = [torch.empty_like(offers) for _ in range(dist.get_world_size())]

@@ -57,6 +57,8 @@ def ssim_loss(
     (torchmetrics' SSIM, the metric this matches, convolves with the full 11^3 kernel: about
     70x slower on a 16x32x32 patch on CPU, too slow for a training step). ``data_range`` is the
     intensity span (2 for [-1, 1]). Every spatial axis must be at least ``kernel_size`` long.
+    Computed in float32 even under autocast, whose bf16 convolutions would leave the local
+    variances ``E[x^2] - E[x]^2`` of a close reconstruction with few correct digits.
     """
     if reconstruction.ndim != 5 or reconstruction.shape != target.shape:
         raise ValueError(
@@ -65,19 +67,20 @@ def ssim_loss(
         )
     if min(target.shape[2:]) < kernel_size:
         raise ValueError(f"ssim_loss needs every spatial axis >= {kernel_size} voxels, got {tuple(target.shape[2:])}")
-    x, y = reconstruction.float(), target.float()
-    channels = x.shape[1]
-    moments = torch.cat([x, y, x * x, y * y, x * y], dim=1)  # (B, 5C, D, H, W)
-    window = _gaussian_window(kernel_size, sigma, moments)
-    for axis in range(3):
-        shape = [1, 1, 1, 1, 1]
-        shape[2 + axis] = kernel_size
-        moments = F.conv3d(moments, window.view(shape).expand(5 * channels, *shape[1:]), groups=5 * channels)
-    mu_x, mu_y, xx, yy, xy = moments.split(channels, dim=1)
-    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    var_x, var_y, cov = xx - mu_x.square(), yy - mu_y.square(), xy - mu_x * mu_y
-    ssim = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x.square() + mu_y.square() + c1) * (var_x + var_y + c2))
-    return 1 - ssim.mean()
+    with torch.autocast(device_type=target.device.type, enabled=False):
+        x, y = reconstruction.float(), target.float()
+        channels = x.shape[1]
+        moments = torch.cat([x, y, x * x, y * y, x * y], dim=1)  # (B, 5C, D, H, W)
+        window = _gaussian_window(kernel_size, sigma, moments)
+        for axis in range(3):
+            shape = [1, 1, 1, 1, 1]
+            shape[2 + axis] = kernel_size
+            moments = F.conv3d(moments, window.view(shape).expand(5 * channels, *shape[1:]), groups=5 * channels)
+        mu_x, mu_y, xx, yy, xy = moments.split(channels, dim=1)
+        c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+        var_x, var_y, cov = xx - mu_x.square(), yy - mu_y.square(), xy - mu_x * mu_y
+        ssim = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x.square() + mu_y.square() + c1) * (var_x + var_y + c2))
+        return 1 - ssim.mean()
 
 
 def hinge_discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ from accelerate import Accelerator
 from ..atomic import atomic_path
 
 COLUMNS = (
-    "step", "epoch", "lr", "loss", "l1", "commitment", "perplexity", "codebook_usage",
+    "step", "epoch", "lr", "loss", "l1", "ssim_loss", "commitment", "perplexity", "codebook_usage",
     "perceptual", "g_adversarial", "feature_matching", "d_loss", "d_lr", "skipped_steps", "samples_seen", "patches_per_s",
     "val_psnr", "val_ssim", "val_body_psnr", "val_body_ssim", "val_mae_body", "val_mae_lung", "val_mae_soft_tissue",
     "val_mae_vessel", "val_mae_bone", "val_perplexity", "val_codebook_usage", "val_clipped_fraction",

@@ -96,8 +96,8 @@ def generator_loss(
     terms = {"l1": l1, "commitment": commitment.float()}
     loss = config.model.l1_weight * l1 + terms["commitment"]
     if config.model.ssim_weight > 0:
-        terms["ssim"] = ssim_loss(reconstruction, x)
-        loss = loss + config.model.ssim_weight * terms["ssim"]
+        terms["ssim_loss"] = ssim_loss(reconstruction, x)
+        loss = loss + config.model.ssim_weight * terms["ssim_loss"]
     real_slices = fake_slices = None
     if perceptual is not None or critics is not None:
         real_slices, fake_slices = random_slices(x, reconstruction, n=gan.slices_per_volume, generator=slice_generator)
