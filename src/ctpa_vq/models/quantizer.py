@@ -131,10 +131,11 @@ class EMAVectorQuantizer(nn.Module):
         self.dead_code_threshold = dead_code_threshold
         self.eps = eps
         # The same draw on every process whatever the global seed: initialisation only rescales it.
-        noise = torch.randn(num_codes, code_dim, generator=torch.Generator().manual_seed(0))
+        # fp32 whatever the default dtype (diffusers builds a `torch_dtype=bf16` model under that default).
+        noise = torch.randn(num_codes, code_dim, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
         self.register_buffer("embedding", noise)
-        self.register_buffer("cluster_size", torch.zeros(num_codes))
-        self.register_buffer("embed_sum", torch.zeros(num_codes, code_dim))
+        self.register_buffer("cluster_size", torch.zeros(num_codes, dtype=torch.float32))
+        self.register_buffer("embed_sum", torch.zeros(num_codes, code_dim, dtype=torch.float32))
         self.register_buffer("initialized", torch.tensor(False))
 
     def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:

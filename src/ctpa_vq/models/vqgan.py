@@ -12,7 +12,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.autoencoders.vae import DecoderOutput
 from diffusers.models.autoencoders.vq_model import VQEncoderOutput
 from diffusers.models.modeling_utils import ModelMixin
-from diffusers.utils import BaseOutput
+from diffusers.utils import BaseOutput, is_accelerate_available
 
 from ..intensity import DEFAULT_HU_WINDOW
 from .blocks import Decoder3D, Encoder3D, stage_strides
@@ -68,7 +68,11 @@ class VQGAN3D(ModelMixin, ConfigMixin):
     """
 
     _supports_gradient_checkpointing = True
-    _keep_in_fp32_modules = ["quantizer"]
+    # The codebook stays fp32 under `torch_dtype=bf16` either way diffusers loads: through Accelerate's
+    # meta-device path only if named here (it casts every other floating tensor); without Accelerate by
+    # `load_state_dict` into the fp32 buffers `EMAVectorQuantizer` creates. diffusers refuses to load at
+    # all without Accelerate when this is set, so it is set only where Accelerate is installed.
+    _keep_in_fp32_modules = ["quantizer"] if is_accelerate_available() else None
 
     @register_to_config
     def __init__(
