@@ -65,7 +65,7 @@ def test_bundles_import_nothing_of_the_package():
         imported = _imported_packages(bundle_module(entry))
         assert "ctpa_vq" not in imported and "." not in imported, entry
         assert imported <= {"__future__", "os", "zlib", "tempfile", "contextlib", "dataclasses", "pathlib", "typing",
-                            "functools", "shutil", "logging", "json",
+                            "functools", "shutil", "logging", "json", "warnings",
                             "math", "itertools", "fractions", "numpy", "torch", "nibabel", "diffusers",
                             "huggingface_hub", *CLINICAL_EXTRA}, imported
         # DICOM series and NRRD paths need the `clinical` extra only when one is read, as in the package

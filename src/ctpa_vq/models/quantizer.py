@@ -95,6 +95,9 @@ class EMAVectorQuantizer(nn.Module):
        the moments cost one all-reduce of 2C + 1 numbers per step instead of a host check of
        the flag). Codes the first batch leaves unused are dead and restart at once.
 
+    A ``frozen`` quantizer (fine-tuning with ``model.freeze: [quantizer]``) quantises in training
+    mode as in eval mode: no EMA update, no restart, the codebook left as it is.
+
     Nothing here waits for the device: the branches are tensor masks (`torch.where`), so a
     training step never synchronises the host. The ``initialized`` flag is a saved buffer: a
     loaded model never re-initialises its codebook.
@@ -137,6 +140,7 @@ class EMAVectorQuantizer(nn.Module):
         self.register_buffer("cluster_size", torch.zeros(num_codes, dtype=torch.float32))
         self.register_buffer("embed_sum", torch.zeros(num_codes, code_dim, dtype=torch.float32))
         self.register_buffer("initialized", torch.tensor(False))
+        self.frozen = False  # a training choice, not state: never saved
 
     def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
         """`(B, d, h, w)` int -> `(B, C, d, h, w)` codes."""
@@ -149,14 +153,15 @@ class EMAVectorQuantizer(nn.Module):
         with torch.autocast(device_type=z.device.type, enabled=False):
             z = z.float()
             flat = z.permute(0, 2, 3, 4, 1).reshape(-1, self.code_dim)
-            codebook = self._codebook_of_this_step(flat) if self.training else self.embedding.float()
+            learning = self.training and not self.frozen
+            codebook = self._codebook_of_this_step(flat) if learning else self.embedding.float()
             min_distances, flat_indices = nearest_codes(flat, codebook)
             indices = flat_indices.view(b, d, h, w)
             z_q = F.embedding(indices, codebook).permute(0, 4, 1, 2, 3).contiguous()  # before the update
             commitment_loss = self.commitment_weight * F.mse_loss(z, z_q)
             counts = torch.bincount(flat_indices, minlength=self.num_codes).float()
             restarted = torch.zeros((), dtype=torch.long, device=z.device)
-            if self.training:
+            if learning:
                 counts, restarted = self._update_codebook(flat, flat_indices, counts, min_distances)
             z_q = _straight_through(z, z_q)
         perplexity, usage = _histogram_stats(counts)
