@@ -60,7 +60,7 @@ def _train(out: Path, processes: int, *overrides: str, config: Path | None = FIN
               str(ROOT / "accelerate_configs" / "cpu.yaml"), "--num_processes", str(processes),
               "--main_process_port", str(_free_port())]  # fmt: skip
     cmd = [sys.executable, *script] if processes == 1 else [*launch, *script]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    env = {**(os.environ if env is None else env), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert run.returncode == 0, f"training failed:\n{run.stdout[-3000:]}\n{run.stderr[-6000:]}"
     return run
@@ -158,14 +158,15 @@ def test_frozen_encoder_and_codebook_keep_every_code_index(pretrained, tmp_path)
 
 @pytest.mark.slow
 def test_finetune_from_a_pipeline_pushed_to_the_hub_names_repo_and_commit(pretrained, tmp_path, hub):
-    """`model.pretrained=ORG/NAME@COMMIT` from the loopback Hub: the export records that repo and
-    commit, and its card carries the Hub's `base_model` field."""
+    """`model.pretrained=ORG/NAME@COMMIT` from the loopback Hub, 2 processes (process 0 downloads
+    first): the export records that repo and commit (not main's newer one), and its card carries the
+    Hub's `base_model` field."""
     from test_hub import TOKEN, _client_env
 
     pushed = push_to_hub(pretrained, "lab/parent", endpoint=hub, token=TOKEN)
     push_to_hub(pretrained, "lab/parent", endpoint=hub, token=TOKEN, recipe=ROOT / "configs" / "finetune.yaml")
     out = tmp_path / "from-hub"
-    _train(out, 1, f"model.pretrained=lab/parent@{pushed.commit_oid}", *FINETUNE_SMALL, "training.max_steps=2",
+    _train(out, 2, f"model.pretrained=lab/parent@{pushed.commit_oid}", *FINETUNE_SMALL, "training.max_steps=2",
            "training.validate_every=2", "training.checkpoint_every=2", env=_client_env(hub, tmp_path))  # fmt: skip
     tuned = VQGAN3D.from_pretrained(out / "final", subfolder="vqgan")
     assert tuned.config.finetuned_from == {"source": "hub", "repo_id": "lab/parent", "revision": pushed.commit_oid}

@@ -22,6 +22,8 @@ import logging
 import numbers
 from typing import Any
 
+from accelerate import PartialState
+
 from ..model_source import ModelSource, resolve_model
 from ..models import VQGAN3D
 from ..models.quantizer import EMAVectorQuantizer
@@ -67,8 +69,9 @@ def _load_pretrained(model: ModelConfig) -> VQGAN3D:
     config = _checked_config(model, _public(loaded.config))
     config["finetuned_from"] = parent_record(source)
     if "encoder" not in model.freeze and config.get("latents_mean") is not None:
-        logger.info(f"{model.pretrained}: its latent statistics are dropped (the encoder trains); "
-                    "measure them again with `ctpa-vq latent-stats` after training")
+        if PartialState().is_main_process:  # logs on rank 0 only
+            logger.info(f"{model.pretrained}: its latent statistics are dropped (the encoder trains); "
+                        "measure them again with `ctpa-vq latent-stats` after training")
         config["latents_mean"] = config["latents_std"] = None
     # Rebuilt from the cleaned config: the loaded one holds `_name_or_path`, a path of this machine.
     generator = VQGAN3D.from_config(config)

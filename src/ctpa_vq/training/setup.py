@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -122,7 +123,9 @@ def volume_stores(config: TrainConfig, accelerator: Accelerator) -> tuple[Volume
     return train, val
 
 
-def training_data_record(volumes: VolumeStore, hu_window, config: TrainConfig, measured: int = 16) -> dict:
+def training_data_record(
+    volumes: VolumeStore, hu_window: Sequence[float], config: TrainConfig, measured: int = 16
+) -> dict:
     """The input specification of the training split that every export carries (`ctpa_vq.input_spec`):
     spacings of all volumes, the clipped fraction of up to `measured` volumes spread over the split."""
     picks = np.unique(np.linspace(0, len(volumes) - 1, min(measured, len(volumes))).round().astype(int))
@@ -138,7 +141,6 @@ def build_training(config: TrainConfig, accelerator: Accelerator | None = None) 
     train_volumes, val_volumes = volume_stores(config, accelerator)
     with accelerator.main_process_first():  # a Hub model is downloaded once, then read from the cache
         model = build_generator(config.model)
-    model.register_to_config(training_data=training_data_record(train_volumes, model.config.hu_window, config))
     if config.model.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     dataset = RandomPatchDataset(
@@ -147,7 +149,8 @@ def build_training(config: TrainConfig, accelerator: Accelerator | None = None) 
         patches_per_volume=config.dataset.patches_per_volume,
         seed=config.training.seed,
         min_foreground_fraction=config.dataset.min_foreground_fraction,
-    )
+    )  # (raises on an empty split)
+    model.register_to_config(training_data=training_data_record(train_volumes, model.config.hu_window, config))
     loader = DataLoader(
         dataset,
         batch_size=config.training.batch_size,
