@@ -143,6 +143,9 @@ def test_evaluate_and_encode_name_the_volume_outside_the_record(tmp_path, capsys
     printed = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
     assert printed == ["ctpa-vq evaluate: warning: thick.nii.gz: slice spacing 5 mm; this model saw 0.6-1.25 mm: "
                        "resample with --spacing training"]  # fmt: skip
+    assert main([*args, "--spacing", "training"]) == 0  # both volumes run at 1 x 0.75 x 0.75 mm: no warning
+    printed = capsys.readouterr()
+    assert "warning" not in printed.err and printed.out.count("at 1 x 0.75 x 0.75 mm") == 2
     found = _warnings_of(lambda: encode_dataset(tmp_path / "model", folder, tmp_path / "latents", patch_size=(16, 32, 32),
                                                 progress=False, pseudonymise=str))  # fmt: skip
     assert len(found) == 1 and "slice spacing 5 mm" in found[0]

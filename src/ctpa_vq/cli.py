@@ -318,6 +318,16 @@ def _describe_grid(args: argparse.Namespace, pipeline, shape) -> str:
     return f"patch grid {pipeline.patch_grid(shape, **_grid_options(args)).describe()}"
 
 
+def _describe_run(args: argparse.Namespace, pipeline, shape, spacing, target) -> str:
+    """The patch plan of a volume of `shape` at `spacing` mm when the model runs at `target` (None: as it is)."""
+    from .data.resample import resampled_shape
+
+    if target is None:
+        return _describe_grid(args, pipeline, shape)
+    at = " x ".join(f"{s:g}" for s in target)
+    return f"{_describe_grid(args, pipeline, resampled_shape(shape, spacing, target))} at {at} mm"
+
+
 def _overlap(text: str) -> float | int:
     value = float(text)
     if value < 1:
@@ -332,7 +342,6 @@ def _run_reconstruct(args: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from .data.resample import resampled_shape
     from .data.volume_io import VOLUME_SUFFIXES, load_volume, save_volume_like
     from .metrics import SSIM_KERNEL, psnr_hu, reconstruction_metrics
     from .spacing import reconstruct_volume, target_spacing
@@ -351,9 +360,7 @@ def _run_reconstruct(args: argparse.Namespace) -> int:
     ct = load_volume(args.input)
     pipeline = _load_pipeline(args)
     spacing = target_spacing(pipeline, _spacing(args))
-    shape = ct.shape if spacing is None else resampled_shape(ct.shape, ct.spacing, spacing)
-    at = "" if spacing is None else f" at {' x '.join(f'{s:g}' for s in spacing)} mm"
-    print(f"{args.input}: {_describe_grid(args, pipeline, shape)}{at}")
+    print(f"{args.input}: {_describe_run(args, pipeline, ct.shape, ct.spacing, spacing)}")
     reconstruction = reconstruct_volume(pipeline, ct, spacing, **_grid_options(args), blend=args.blend,
                                         batch_size=args.batch_size)
     if ct.hu.dtype.kind in "iu":  # integral input: write integral HU, like the input
@@ -382,6 +389,7 @@ def _add_evaluate(subparsers) -> None:
                           help="a volume file, a folder of volumes / DICOM series folders, or a `prepare` output")
     evaluate.add_argument("--split", default="validation", help="split of a prepared dataset (default validation)")
     _add_inference_options(evaluate)
+    _add_spacing_option(evaluate)
     evaluate.add_argument("--csv", default=None, help="also write the per-volume scores to this CSV")
     _add_privacy_options(evaluate)
     evaluate.set_defaults(handler=_run_evaluate)
@@ -395,6 +403,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from .data.dicom import SkippedSeries
     from .data.nifti import CTFileError
     from .evaluation import VolumeScore, iter_volumes, score_volume, write_scores_csv
+    from .spacing import target_spacing
 
     def summary(score: VolumeScore) -> str:
         return (
@@ -404,12 +413,13 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         )
 
     pipeline = _load_pipeline(args)
-    options = dict(_grid_options(args), blend=args.blend, batch_size=args.batch_size)
+    target = target_spacing(pipeline, _spacing(args))
+    options = dict(_grid_options(args), blend=args.blend, batch_size=args.batch_size, target_spacing=target)
     scores, failures = [], []
     for name, read in iter_volumes(args.input, args.split, name=_pseudonymise(args)):
         try:
             hu, spacing = read()
-            print(f"{name}: {_describe_grid(args, pipeline, hu.shape)}")
+            print(f"{name}: {_describe_run(args, pipeline, hu.shape, spacing, target)}")
             score, _ = score_volume(pipeline, hu, name, **options, spacing=spacing)
         except SkippedSeries as err:
             print(f"skipped {err}")

@@ -21,6 +21,7 @@ from .intensity import clipped_fraction
 from .metrics import reconstruction_metrics
 from .pipelines import CTPAReconstructionOutput, CTPAReconstructionPipeline
 from .regions import REGIONS
+from .spacing import TargetSpacing, reconstruct_at
 
 
 @dataclass
@@ -56,13 +57,15 @@ def score_volume(
     batch_size: int = 1,
     max_patch_voxels: int | None = None,
     spacing: Sequence[float] | None = None,
+    target_spacing: TargetSpacing = None,
 ) -> tuple[VolumeScore, CTPAReconstructionOutput]:
     """Reconstruct `hu` `(D, H, W)` (with latents and indices) and score it; the grid as for
     `CTPAReconstructionPipeline.patch_grid` (planned by default). `spacing` (mm), if known, goes to
-    the pipeline's check of the volume against the model's training data."""
-    result = pipeline(
-        hu, patch_size=patch_size, overlap=overlap, blend=blend, batch_size=batch_size, return_latents=True,
-        max_patch_voxels=max_patch_voxels, spacing=spacing, name=name,
+    the pipeline's check of the volume against the model's training data; with `target_spacing`
+    the model runs at that spacing and is scored back on `hu`'s grid (`ctpa_vq.spacing.reconstruct_at`)."""
+    result = reconstruct_at(
+        pipeline, hu, spacing, target_spacing, name, patch_size=patch_size, overlap=overlap, blend=blend,
+        batch_size=batch_size, return_latents=True, max_patch_voxels=max_patch_voxels,
     )
     scores = reconstruction_metrics(result.reconstruction, hu, pipeline.window, device=pipeline.vqgan.device)
     clipped = sum(clipped_fraction(hu, pipeline.window))

@@ -19,7 +19,7 @@ from .data.nifti import CTVolume
 from .data.resample import resample
 from .data.volume_io import load_volume
 from .input_spec import training_spacing
-from .pipelines import CTPAReconstructionPipeline
+from .pipelines import CTPAReconstructionOutput, CTPAReconstructionPipeline
 
 TargetSpacing = Union[Sequence[float], str, None]
 """(D, H, W) in mm, "training" (the model's median training spacing), or None (the volume's own grid)."""
@@ -39,6 +39,23 @@ def target_spacing(pipeline: CTPAReconstructionPipeline, spacing: TargetSpacing)
     return values
 
 
+def reconstruct_at(
+    pipeline: CTPAReconstructionPipeline, hu: np.ndarray, spacing: Sequence[float] | None, target: TargetSpacing,
+    name: str | None = None, **options,
+) -> CTPAReconstructionOutput:
+    """The pipeline's output for `hu` `(D, H, W)` at `spacing` mm, run at `target` (see the module
+    docstring): the reconstruction (numpy) on `hu`'s own grid, latents and indices (if asked for in
+    `options`) at the target spacing. `target=None` runs on the volume's own grid."""
+    resolved = target_spacing(pipeline, target)
+    if resolved is None:
+        return pipeline(hu, spacing=spacing, name=name, **options)
+    if spacing is None:
+        raise ValueError(f"{name or 'volume'}: resampling to {resolved} mm needs the volume's own spacing")
+    output = pipeline(resample(hu, spacing, resolved), spacing=resolved, name=name, **options)
+    output.reconstruction = resample(np.asarray(output.reconstruction), resolved, spacing, shape=hu.shape)
+    return output
+
+
 def reconstruct_volume(
     pipeline: CTPAReconstructionPipeline, volume: CTVolume | str | os.PathLike, spacing: TargetSpacing = None,
     **options,
@@ -46,9 +63,4 @@ def reconstruct_volume(
     """The reconstruction `(D, H, W)` float32 HU of `volume` on its own grid, computed at `spacing`
     (see the module docstring); `options` go to the pipeline call (patch grid, blend, batch size)."""
     ct = volume if isinstance(volume, CTVolume) else load_volume(volume)
-    target = target_spacing(pipeline, spacing)
-    if target is None:
-        return pipeline(ct.hu, spacing=ct.spacing, name=ct.name, **options).reconstruction
-    resampled = resample(ct.hu, ct.spacing, target)
-    reconstruction = pipeline(resampled, spacing=target, name=ct.name, **options).reconstruction
-    return resample(reconstruction, target, ct.spacing, shape=ct.shape)
+    return reconstruct_at(pipeline, ct.hu, ct.spacing, spacing, ct.name, **options).reconstruction
