@@ -231,22 +231,27 @@ def test_root_model_card_is_the_packaged_template():
 
 @pytest.mark.slow
 def test_pushed_pipeline_loads_without_ctpa_vq(hub, pipeline_dir, tmp_path):
-    """diffusers alone, `import ctpa_vq` blocked: the bundled code reconstructs what the package does."""
-    from test_remote_code import BLOCK_CTPA_VQ
+    """From the Hub, where only torch, diffusers, numpy and nibabel are installed (no ctpa_vq, no
+    accelerate): the bundled code reconstructs what the package does."""
+    from lean_site import lean_site
+    from test_remote_code import LEAN_PYTHON, LEAN_REQUIREMENTS, lean_env
 
     push_to_hub(pipeline_dir, "lab/no-install", endpoint=hub, token=TOKEN)
     volume = np.random.default_rng(1).uniform(-1024, 2000, (18, 20, 36)).astype(np.float32)
     np.save(tmp_path / "volume.npy", volume)
-    script = BLOCK_CTPA_VQ + textwrap.dedent(f"""
+    script = textwrap.dedent(f"""
+        import importlib.util
         import numpy as np
+        assert importlib.util.find_spec("accelerate") is None and importlib.util.find_spec("ctpa_vq") is None
         from diffusers import DiffusionPipeline
         pipe = DiffusionPipeline.from_pretrained("lab/no-install", trust_remote_code=True)
         out = pipe(np.load({str(tmp_path / "volume.npy")!r}), patch_size=(16, 16, 16), overlap=0.5)
         np.save({str(tmp_path / "remote.npy")!r}, out.reconstruction)
         print(type(pipe).__name__, type(pipe.vqgan).__name__)
     """)
-    loaded = subprocess.run([sys.executable, "-c", script], env=_client_env(hub, tmp_path),
-                            capture_output=True, text=True, timeout=300)
+    site = lean_site(LEAN_REQUIREMENTS, tmp_path / "site")
+    env = lean_env(site, tmp_path, HF_ENDPOINT=hub, HF_TOKEN=TOKEN, HF_HUB_DISABLE_XET="1")
+    loaded = subprocess.run([*LEAN_PYTHON, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert loaded.returncode == 0, loaded.stderr
     assert loaded.stdout.split() == ["CTPAReconstructionPipeline", "VQGAN3D"]
     expected = CTPAReconstructionPipeline.from_pretrained(pipeline_dir)(volume, patch_size=(16, 16, 16), overlap=0.5)

@@ -11,13 +11,22 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from diffusers import DiffusionPipeline
 
 from ctpa_vq import VQGAN3D, CTPAReconstructionPipeline
 from ctpa_vq.remote_code import MODEL_MODULE, PIPELINE_MODULE, bundle_module, write_remote_code
+from lean_site import lean_site
+
+# What the README promises a downstream user needs to load a pushed pipeline with diffusers alone.
+LEAN_REQUIREMENTS = ["torch", "diffusers", "numpy", "nibabel"]
+# The subprocess's float sums follow its thread count: the same as here, for bit-equal outputs.
+SAME_THREADS = {"OMP_NUM_THREADS": str(torch.get_num_threads())}
+LEAN_PYTHON = [sys.executable, "-S"]  # -S: not this venv's site-packages (nor its .pth files), only PYTHONPATH
 
 # A meta path finder that makes `import ctpa_vq` fail, for subprocesses that must run without it
 # (the package is installed, editable or not, so removing it from PYTHONPATH is not enough).
@@ -56,7 +65,7 @@ def test_bundles_import_nothing_of_the_package():
         imported = _imported_packages(bundle_module(entry))
         assert "ctpa_vq" not in imported and "." not in imported, entry
         assert imported <= {"__future__", "os", "zlib", "tempfile", "contextlib", "dataclasses", "pathlib", "typing",
-                            "functools", "shutil", "logging", "json",
+                            "functools", "shutil", "logging", "json", "warnings",
                             "math", "itertools", "fractions", "numpy", "torch", "nibabel", "diffusers",
                             "huggingface_hub", *CLINICAL_EXTRA}, imported
         # DICOM series and NRRD paths need the `clinical` extra only when one is read, as in the package
@@ -119,7 +128,7 @@ def test_saved_pipeline_with_bundled_code_loads_without_ctpa_vq(tmp_path):
         assert not [m for m in sys.modules if m.split(".")[0] == "ctpa_vq"]
         print(type(pipe).__module__, type(pipe.vqgan).__module__)
     """)
-    env = {"PATH": "/usr/bin:/bin", "HF_HOME": str(tmp_path / "hf_home"), "OMP_NUM_THREADS": "1"}
+    env = {"PATH": "/usr/bin:/bin", "HF_HOME": str(tmp_path / "hf_home"), **SAME_THREADS}
     run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert run.stdout.split() == ["diffusers_modules.local.pipeline_ctpa", "diffusers_modules.local.modeling_vqgan3d"]
@@ -128,6 +137,53 @@ def test_saved_pipeline_with_bundled_code_loads_without_ctpa_vq(tmp_path):
     np.testing.assert_array_equal(np.load(tmp_path / "remote.npy"), expected)
     native = CTPAReconstructionPipeline.from_pretrained(folder)
     assert type(native.vqgan) is VQGAN3D
+
+
+def lean_env(site: Path, tmp_path: Path, **extra: str) -> dict[str, str]:
+    """The environment of `LEAN_PYTHON` seeing only `site` (a `lean_site`)."""
+    return {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(site), "HF_HOME": str(tmp_path / "hf_home"),
+            **SAME_THREADS, **extra}
+
+
+@pytest.mark.slow
+def test_bundled_pipeline_loads_where_only_torch_diffusers_numpy_nibabel_are_installed(tmp_path):
+    """The README's promise, in an environment with exactly those packages and their requirements:
+    no accelerate (diffusers then loads without `low_cpu_mem_usage`), no scipy, no ctpa_vq. The
+    reconstruction equals the package's, and a bf16 load keeps the codebook in fp32, bit for bit.
+
+    Failed before the fix with `ValueError: low_cpu_mem_usage cannot be False when
+    keep_in_fp32_modules is True`."""
+    torch.manual_seed(3)
+    pipe = CTPAReconstructionPipeline(VQGAN3D.from_preset("tiny"))
+    pipe.vqgan(torch.rand(2, 1, 16, 16, 16) * 2 - 1)  # a codebook initialised from data, as trained ones are
+    folder = tmp_path / "saved"
+    pipe.save_pretrained(folder)
+    write_remote_code(folder)
+    site = lean_site(LEAN_REQUIREMENTS, tmp_path / "site")
+    volume = np.random.default_rng(0).uniform(-1000, 1500, (20, 24, 28)).astype(np.float32)
+    np.save(tmp_path / "volume.npy", volume)
+    script = textwrap.dedent(f"""
+        import importlib.util, sys
+        import numpy as np, torch
+        absent = [m for m in ("accelerate", "ctpa_vq", "scipy") if importlib.util.find_spec(m) is not None]
+        assert not absent, f"installed here: {{absent}}"
+        from diffusers import DiffusionPipeline
+        pipe = DiffusionPipeline.from_pretrained({str(folder)!r}, trust_remote_code=True)
+        out = pipe(np.load({str(tmp_path / "volume.npy")!r}), patch_size=(16, 16, 16))
+        np.save({str(tmp_path / "lean.npy")!r}, out.reconstruction)
+        half = DiffusionPipeline.from_pretrained({str(folder)!r}, trust_remote_code=True, torch_dtype=torch.bfloat16)
+        assert half.vqgan.encoder.conv_in.weight.dtype == torch.bfloat16
+        codebook = half.vqgan.quantizer.embedding
+        assert codebook.dtype == torch.float32, codebook.dtype
+        assert torch.equal(codebook, pipe.vqgan.quantizer.embedding)
+        print(type(pipe).__name__)
+    """)
+    run = subprocess.run([*LEAN_PYTHON, "-c", script], env=lean_env(site, tmp_path), capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split() == ["CTPAReconstructionPipeline"]
+    expected = pipe(volume, patch_size=(16, 16, 16)).reconstruction
+    np.testing.assert_array_equal(np.load(tmp_path / "lean.npy"), expected)
 
 
 def test_encode_and_decode_follow_vqmodel_outputs_on_request():

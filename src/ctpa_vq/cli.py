@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 
 
 def _add_prepare(subparsers) -> None:
@@ -217,12 +218,37 @@ def _add_reconstruct(subparsers) -> None:
     reconstruct.add_argument("--output", required=True,
                              help="output .nii/.nii.gz (or .nrrd/.mha), written atomically")
     reconstruct.add_argument("--overwrite", action="store_true", help="replace an existing --output / --slices")
-    reconstruct.add_argument("--spacing", type=float, nargs=3, metavar=("D", "H", "W"), default=None,
-                             help="run the model at this spacing in mm (the one its training data was prepared at); "
-                             "the result is resampled back onto the input's grid (default: no resampling)")
+    _add_spacing_option(reconstruct)
     _add_inference_options(reconstruct)
     reconstruct.add_argument("--slices", default=None, help="also write a PNG of mid-slices input | output | error")
     reconstruct.set_defaults(handler=_run_reconstruct)
+
+
+def _add_spacing_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--spacing", nargs="+", metavar="MM", default=None, type=_spacing_value,
+                        help="run the model at this spacing: 'training' (the median spacing of the model's training "
+                        "data) or D H W in mm; the result is resampled back onto the input's grid (default: no "
+                        "resampling)")
+
+
+def _spacing_value(text: str) -> str | float:
+    if text == "training":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: 'training' or a spacing in mm") from None
+
+
+def _spacing(args: argparse.Namespace):
+    """--spacing as `ctpa_vq.spacing.reconstruct_volume` takes it: None, "training" or (D, H, W)."""
+    if args.spacing is None:
+        return None
+    if args.spacing == ["training"]:
+        return "training"
+    if len(args.spacing) != 3 or "training" in args.spacing:
+        raise ValueError(f"--spacing {' '.join(map(str, args.spacing))}: give 'training' or three values D H W in mm")
+    return tuple(args.spacing)
 
 
 def _add_grid_options(parser: argparse.ArgumentParser) -> None:
@@ -292,6 +318,16 @@ def _describe_grid(args: argparse.Namespace, pipeline, shape) -> str:
     return f"patch grid {pipeline.patch_grid(shape, **_grid_options(args)).describe()}"
 
 
+def _describe_run(args: argparse.Namespace, pipeline, shape, spacing, target) -> str:
+    """The patch plan of a volume of `shape` at `spacing` mm when the model runs at `target` (None: as it is)."""
+    from .data.resample import resampled_shape
+
+    if target is None:
+        return _describe_grid(args, pipeline, shape)
+    at = " x ".join(f"{s:g}" for s in target)
+    return f"{_describe_grid(args, pipeline, resampled_shape(shape, spacing, target))} at {at} mm"
+
+
 def _overlap(text: str) -> float | int:
     value = float(text)
     if value < 1:
@@ -306,9 +342,9 @@ def _run_reconstruct(args: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from .data.resample import resample
     from .data.volume_io import VOLUME_SUFFIXES, load_volume, save_volume_like
     from .metrics import SSIM_KERNEL, psnr_hu, reconstruction_metrics
+    from .spacing import reconstruct_volume, target_spacing
     from .visualize import save_mid_slices
 
     output = Path(args.output)
@@ -323,13 +359,10 @@ def _run_reconstruct(args: argparse.Namespace) -> int:
             raise ValueError(f"{path}: already exists (choose another output, or pass --overwrite)")
     ct = load_volume(args.input)
     pipeline = _load_pipeline(args)
-    hu = ct.hu if args.spacing is None else resample(ct.hu, ct.spacing, args.spacing)
-    print(f"{args.input}: {_describe_grid(args, pipeline, hu.shape)}")
-    reconstruction = pipeline(
-        hu, **_grid_options(args), blend=args.blend, batch_size=args.batch_size
-    ).reconstruction
-    if args.spacing is not None:  # back onto the input's own grid
-        reconstruction = resample(reconstruction, args.spacing, ct.spacing, shape=ct.shape)
+    spacing = target_spacing(pipeline, _spacing(args))
+    print(f"{args.input}: {_describe_run(args, pipeline, ct.shape, ct.spacing, spacing)}")
+    reconstruction = reconstruct_volume(pipeline, ct, spacing, **_grid_options(args), blend=args.blend,
+                                        batch_size=args.batch_size)
     if ct.hu.dtype.kind in "iu":  # integral input: write integral HU, like the input
         reconstruction = np.rint(reconstruction).astype(ct.hu.dtype)
     save_volume_like(reconstruction, ct, output)
@@ -356,6 +389,7 @@ def _add_evaluate(subparsers) -> None:
                           help="a volume file, a folder of volumes / DICOM series folders, or a `prepare` output")
     evaluate.add_argument("--split", default="validation", help="split of a prepared dataset (default validation)")
     _add_inference_options(evaluate)
+    _add_spacing_option(evaluate)
     evaluate.add_argument("--csv", default=None, help="also write the per-volume scores to this CSV")
     _add_privacy_options(evaluate)
     evaluate.set_defaults(handler=_run_evaluate)
@@ -369,6 +403,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from .data.dicom import SkippedSeries
     from .data.nifti import CTFileError
     from .evaluation import VolumeScore, iter_volumes, score_volume, write_scores_csv
+    from .spacing import target_spacing
 
     def summary(score: VolumeScore) -> str:
         return (
@@ -378,13 +413,14 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         )
 
     pipeline = _load_pipeline(args)
-    options = dict(_grid_options(args), blend=args.blend, batch_size=args.batch_size)
+    target = target_spacing(pipeline, _spacing(args))
+    options = dict(_grid_options(args), blend=args.blend, batch_size=args.batch_size, target_spacing=target)
     scores, failures = [], []
     for name, read in iter_volumes(args.input, args.split, name=_pseudonymise(args)):
         try:
-            hu = read()
-            print(f"{name}: {_describe_grid(args, pipeline, hu.shape)}")
-            score, _ = score_volume(pipeline, hu, name, **options)
+            hu, spacing = read()
+            print(f"{name}: {_describe_run(args, pipeline, hu.shape, spacing, target)}")
+            score, _ = score_volume(pipeline, hu, name, **options, spacing=spacing)
         except SkippedSeries as err:
             print(f"skipped {err}")
             continue
@@ -413,6 +449,20 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _show_input_warnings(command: str, show_others):
+    """`warnings.showwarning` that prints a volume's `InputSpecWarning` as one line, like the errors."""
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        from .input_spec import InputSpecWarning
+
+        if issubclass(category, InputSpecWarning):
+            print(f"ctpa-vq {command}: warning: {message}", file=sys.stderr)
+        else:
+            show_others(message, category, filename, lineno, file, line)
+
+    return show
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ctpa-vq", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True)
@@ -432,7 +482,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     keep_freed_memory()  # this process is ours: reuse freed activations instead of re-faulting them
     try:
-        return int(args.handler(args) or 0)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_input_warnings(args.command, warnings.showwarning)
+            return int(args.handler(args) or 0)
     except (FileNotFoundError, ValueError) as err:
         print(f"ctpa-vq {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -271,7 +271,7 @@ def encode_dataset(
             except (CTFileError, FileNotFoundError) as err:  # the others are still worth encoding
                 failed.append(str(err))
                 continue
-            latents = pipe.encode_volume(hu, **options)
+            latents = pipe.encode_volume(hu, **options, spacing=spacing, name=volume.patient_id)
             _, indices = pipe.quantize_latents(latents)
             scaled = pipe.vqgan.scale_latents(latents)
             writer.write(_row(volume, hu, spacing, affine, latents[0], scaled[0], indices[0]))

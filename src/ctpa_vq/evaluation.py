@@ -10,7 +10,6 @@ import csv
 import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from functools import partial
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -22,6 +21,7 @@ from .intensity import clipped_fraction
 from .metrics import reconstruction_metrics
 from .pipelines import CTPAReconstructionOutput, CTPAReconstructionPipeline
 from .regions import REGIONS
+from .spacing import TargetSpacing, reconstruct_at
 
 
 @dataclass
@@ -56,12 +56,16 @@ def score_volume(
     blend: str = "linear",
     batch_size: int = 1,
     max_patch_voxels: int | None = None,
+    spacing: Sequence[float] | None = None,
+    target_spacing: TargetSpacing = None,
 ) -> tuple[VolumeScore, CTPAReconstructionOutput]:
     """Reconstruct `hu` `(D, H, W)` (with latents and indices) and score it; the grid as for
-    `CTPAReconstructionPipeline.patch_grid` (planned by default)."""
-    result = pipeline(
-        hu, patch_size=patch_size, overlap=overlap, blend=blend, batch_size=batch_size, return_latents=True,
-        max_patch_voxels=max_patch_voxels,
+    `CTPAReconstructionPipeline.patch_grid` (planned by default). `spacing` (mm), if known, goes to
+    the pipeline's check of the volume against the model's training data; with `target_spacing`
+    the model runs at that spacing and is scored back on `hu`'s grid (`ctpa_vq.spacing.reconstruct_at`)."""
+    result = reconstruct_at(
+        pipeline, hu, spacing, target_spacing, name, patch_size=patch_size, overlap=overlap, blend=blend,
+        batch_size=batch_size, return_latents=True, max_patch_voxels=max_patch_voxels,
     )
     scores = reconstruction_metrics(result.reconstruction, hu, pipeline.window, device=pipeline.vqgan.device)
     clipped = sum(clipped_fraction(hu, pipeline.window))
@@ -72,9 +76,9 @@ def score_volume(
 
 def iter_volumes(
     path: str | os.PathLike, split: str = "validation", name: Callable[[str], str] = str
-) -> Iterator[tuple[str, Callable[[], np.ndarray]]]:
-    """(name, read HU `(D, H, W)`) of every volume in a file, a folder of volumes (NIfTI, NRRD,
-    MetaImage, DICOM series) or a prepared dataset split.
+) -> Iterator[tuple[str, Callable[[], tuple[np.ndarray, tuple[float, float, float]]]]]:
+    """(name, read -> (HU `(D, H, W)`, spacing in mm)) of every volume in a file, a folder of volumes
+    (NIfTI, NRRD, MetaImage, DICOM series) or a prepared dataset split.
 
     Volumes are read only when their reader is called, so a caller can report a bad one and go
     on; the reader raises :class:`~ctpa_vq.data.nifti.CTFileError` naming the file (its subclass
@@ -86,11 +90,15 @@ def iter_volumes(
     if (path / "dataset_dict.json").is_file() or (path / "dataset_info.json").is_file():
         store = VolumeStore.from_disk(path, split)
         for index in range(len(store)):
-            yield store.patient_ids[index], partial(store.volume, index)
+            yield store.patient_ids[index], lambda index=index: (store.volume(index), store.spacings[index])
         return
     root = path if path.is_dir() else path.parent
     for source in input_volumes(path):
-        yield name(os.path.relpath(source.name, root)), lambda source=source: source.load().hu
+        yield name(os.path.relpath(source.name, root)), lambda source=source: _hu_and_spacing(source.load())
+
+
+def _hu_and_spacing(volume) -> tuple[np.ndarray, tuple[float, float, float]]:
+    return volume.hu, volume.spacing
 
 
 def write_scores_csv(scores: Sequence[VolumeScore], path: str | os.PathLike) -> None:

@@ -314,7 +314,16 @@ def input_specification(config: dict, provenance: dict | None) -> dict:
     if provenance:
         spec["spacing_mm_seen"] = {"min": provenance["spacing_mm_min"], "max": provenance["spacing_mm_max"]}
         spec["slices_seen"] = {"min": provenance["slices_min"], "max": provenance["slices_max"]}
+    if config.get("training_data"):  # the record the pipeline checks every volume against (ctpa_vq.input_spec)
+        spec["training_data"] = config["training_data"]
     return spec
+
+
+def _parent_metadata(parent: dict | None) -> dict:
+    """Card metadata of a fine-tuned model: the Hub's `base_model` fields for a parent on the Hub."""
+    if not parent or parent.get("source") != "hub":
+        return {}
+    return {"base_model": parent["repo_id"], "base_model_relation": "finetune"}
 
 
 def build_model_card(
@@ -363,6 +372,7 @@ def build_model_card(
         input_specification=input_specification(config, data),
         data_provenance={**(data or {}), **fields},
         version_history=version_history,
+        **_parent_metadata(config.get("finetuned_from")),
     )
     factor = list(config.get("downsample_factor", (4, 4, 4)))
     latent_channels = config.get("vq_embed_dim", "?")
@@ -406,6 +416,8 @@ def build_model_card(
         example_latent_shape=f"a {example_volume} volume gives {example_latent}",
         latent_stats_note=latent_stats_note,
         remote_code=folder.is_pipeline,
+        training_record=config.get("training_data"),
+        parent=config.get("finetuned_from"),
     )
 
 

@@ -5,7 +5,8 @@ Every command and function that takes "a model" (`--model`) asks `resolve_model`
 - a folder with `model_index.json` is a saved pipeline; the model is its `VQGAN3D` component
   (the sub-folder of that name, `vqgan/` as the pipeline saves it);
 - a folder with `config.json` is a `VQGAN3D` saved on its own;
-- `org/name` that is no local path is a Hub repo, a pipeline when it holds `model_index.json`.
+- `org/name` that is no local path is a Hub repo, a pipeline when it holds `model_index.json`;
+  `org/name@revision` names a branch, tag or commit of it.
 
 A local model must hold its weights as safetensors (ctpa-vq saves and loads nothing else).
 Anything else raises `ModelSourceError` naming the path and what it lacks.
@@ -29,14 +30,15 @@ class ModelSourceError(FileNotFoundError):
 
 @dataclass(frozen=True)
 class ModelSource:
-    """A model's place: `location` is a local folder or a Hub repo id; the model's own files
-    (`config.json`, weights) lie in its `subfolder` (None: at the top, a bare model). `index` is
-    the pipeline's `model_index.json` (empty for a bare model)."""
+    """A model's place: `location` is a local folder or a Hub repo id (at `revision`, None: main);
+    the model's own files (`config.json`, weights) lie in its `subfolder` (None: at the top, a bare
+    model). `index` is the pipeline's `model_index.json` (empty for a bare model)."""
 
     location: str
     subfolder: str | None
     local: bool
     index: dict = field(default_factory=dict)
+    revision: str | None = None
 
     @property
     def is_pipeline(self) -> bool:
@@ -109,27 +111,30 @@ def local_model(folder: str | os.PathLike) -> ModelSource:
     return source
 
 
-def hub_model(repo_id: str) -> ModelSource:
-    """A Hub repo holding a pipeline (`model_index.json`) or a bare model."""
+def hub_model(repo_id: str, revision: str | None = None) -> ModelSource:
+    """A Hub repo (at `revision`, default main) holding a pipeline (`model_index.json`) or a bare model."""
     from huggingface_hub import file_exists, hf_hub_download
 
+    where = f"{repo_id}@{revision}" if revision else repo_id
     try:
-        if not file_exists(repo_id, PIPELINE_INDEX):
-            return ModelSource(repo_id, None, local=False)
-        index = _read_json(Path(hf_hub_download(repo_id, PIPELINE_INDEX)))
+        if not file_exists(repo_id, PIPELINE_INDEX, revision=revision):
+            return ModelSource(repo_id, None, local=False, revision=revision)
+        index = _read_json(Path(hf_hub_download(repo_id, PIPELINE_INDEX, revision=revision)))
     except ModelSourceError:
         raise
-    except Exception as err:  # offline, unknown repo, no access: all mean this model cannot be had
-        raise ModelSourceError(f"{repo_id}: no such local folder, and the Hub lookup failed ({err})") from err
-    return ModelSource(repo_id, model_component(index, f"{repo_id}/{PIPELINE_INDEX}"), local=False, index=index)
+    except Exception as err:  # offline, unknown repo or revision, no access: this model cannot be had
+        raise ModelSourceError(f"{where}: no such local folder, and the Hub lookup failed ({err})") from err
+    component = model_component(index, f"{where}/{PIPELINE_INDEX}")
+    return ModelSource(repo_id, component, local=False, index=index, revision=revision)
 
 
 def resolve_model(name_or_path: str | os.PathLike) -> ModelSource:
-    """A local pipeline or model folder, or else an `org/name` Hub repo id (see the module docstring)."""
+    """A local pipeline or model folder, or else an `org/name[@revision]` Hub repo id (see the module docstring)."""
     path = Path(name_or_path)
     name = str(name_or_path)
     if path.exists():
         return local_model(path)
-    if path.is_absolute() or name.startswith(".") or name.count("/") != 1:
-        raise ModelSourceError(f"{path}: no such model folder (nor an org/name Hub repo id)")
-    return hub_model(name)
+    repo_id, _, revision = name.partition("@")
+    if path.is_absolute() or name.startswith(".") or repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        raise ModelSourceError(f"{path}: no such model folder (nor an org/name[@revision] Hub repo id)")
+    return hub_model(repo_id, revision or None)

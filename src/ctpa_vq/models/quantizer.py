@@ -148,6 +148,9 @@ class EMAVectorQuantizer(nn.Module):
     index, but enters none of the above: not the moments, counts and sums, nor the restart offers.
     A step without one finite latent on any process changes no code and restarts none.
 
+    A ``frozen`` quantizer (fine-tuning with ``model.freeze: [quantizer]``) quantises in training
+    mode as in eval mode: no EMA update, no restart, the codebook left as it is.
+
     Nothing here waits for the device: the branches are tensor masks (`torch.where`), so a
     training step never synchronises the host. The ``initialized`` flag is a saved buffer: a
     loaded model never re-initialises its codebook.
@@ -184,11 +187,13 @@ class EMAVectorQuantizer(nn.Module):
         self.dead_code_threshold = dead_code_threshold
         self.eps = eps
         # The same draw on every process whatever the global seed: initialisation only rescales it.
-        noise = torch.randn(num_codes, code_dim, generator=torch.Generator().manual_seed(0))
+        # fp32 whatever the default dtype (diffusers builds a `torch_dtype=bf16` model under that default).
+        noise = torch.randn(num_codes, code_dim, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
         self.register_buffer("embedding", noise)
-        self.register_buffer("cluster_size", torch.zeros(num_codes))
-        self.register_buffer("embed_sum", torch.zeros(num_codes, code_dim))
+        self.register_buffer("cluster_size", torch.zeros(num_codes, dtype=torch.float32))
+        self.register_buffer("embed_sum", torch.zeros(num_codes, code_dim, dtype=torch.float32))
         self.register_buffer("initialized", torch.tensor(False))
+        self.frozen = False  # a training choice, not state: never saved
 
     def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
         """`(B, d, h, w)` int -> `(B, C, d, h, w)` codes."""
@@ -201,16 +206,17 @@ class EMAVectorQuantizer(nn.Module):
         with torch.autocast(device_type=z.device.type, enabled=False):
             z = z.float()
             flat = z.permute(0, 2, 3, 4, 1).reshape(-1, self.code_dim)
+            learning = self.training and not self.frozen
             finite = flat.isfinite().all(1)  # (N,): the latents the codebook may learn from
             clean = torch.where(finite[:, None], flat, 0.0)
-            codebook = self._codebook_of_this_step(clean, finite) if self.training else self.embedding.float()
+            codebook = self._codebook_of_this_step(clean, finite) if learning else self.embedding.float()
             min_distances, flat_indices = nearest_codes(flat, codebook)
             indices = flat_indices.view(b, d, h, w)
             z_q = F.embedding(indices, codebook).permute(0, 4, 1, 2, 3).contiguous()  # before the update
             commitment_loss = self.commitment_weight * F.mse_loss(z, z_q)
             counts = code_counts(flat_indices, self.num_codes, include=finite)
             restarted = torch.zeros((), dtype=torch.long, device=z.device)
-            if self.training:
+            if learning:
                 scores = torch.where(finite, min_distances, float("-inf"))  # never a restart offer
                 counts, restarted = self._update_codebook(clean, flat_indices, counts, scores)
             z_q = _straight_through(z, z_q)

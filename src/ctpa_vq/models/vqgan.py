@@ -12,7 +12,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.autoencoders.vae import DecoderOutput
 from diffusers.models.autoencoders.vq_model import VQEncoderOutput
 from diffusers.models.modeling_utils import ModelMixin
-from diffusers.utils import BaseOutput
+from diffusers.utils import BaseOutput, is_accelerate_available
 
 from ..intensity import DEFAULT_HU_WINDOW
 from .blocks import Decoder3D, Encoder3D, stage_strides
@@ -65,10 +65,20 @@ class VQGAN3D(ModelMixin, ConfigMixin):
         latents_mean / latents_std: per-channel statistics of the continuous latents that a
             downstream diffusion model should standardise with (see `scale_latents`); `None`
             until computed (`ctpa-vq latent-stats`).
+        training_data: the input specification of the data the model was (last) trained on:
+            spacing, HU window, clipped fraction, orientation, patch size, volume count
+            (`ctpa_vq.input_spec`); `None` for models exported before it was recorded.
+        finetuned_from: the model this one was fine-tuned from, `{"source": "hub", "repo_id",
+            "revision"}` or `{"source": "local"}`; `None` for a model trained from scratch.
+        (The last two are records only: they change nothing the model computes.)
     """
 
     _supports_gradient_checkpointing = True
-    _keep_in_fp32_modules = ["quantizer"]
+    # The codebook stays fp32 under `torch_dtype=bf16` either way diffusers loads: through Accelerate's
+    # meta-device path only if named here (it casts every other floating tensor); without Accelerate by
+    # `load_state_dict` into the fp32 buffers `EMAVectorQuantizer` creates. diffusers refuses to load at
+    # all without Accelerate when this is set, so it is set only where Accelerate is installed.
+    _keep_in_fp32_modules = ["quantizer"] if is_accelerate_available() else None
 
     @register_to_config
     def __init__(
@@ -90,6 +100,8 @@ class VQGAN3D(ModelMixin, ConfigMixin):
         hu_window: Sequence[float] = DEFAULT_HU_WINDOW,
         latents_mean: Sequence[float] | None = None,
         latents_std: Sequence[float] | None = None,
+        training_data: dict | None = None,
+        finetuned_from: dict | None = None,
     ):
         super().__init__()
         strides = stage_strides(downsample_factor, len(block_out_channels) - 1)
@@ -123,10 +135,15 @@ class VQGAN3D(ModelMixin, ConfigMixin):
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "VQGAN3D":
-        """A freshly initialised model from a named preset (`tiny`, `ctpa-512`).
+        """A freshly initialised model from a named preset (`tiny`, `ctpa-512`); see `preset_config`."""
+        return cls(**cls.preset_config(name, **overrides))
+
+    @staticmethod
+    def preset_config(name: str, **overrides) -> dict:
+        """The constructor arguments a named preset sets, with `overrides` on top.
 
         With `quantizer_type="fsq"` and no explicit `vq_embed_dim`, the code dimension follows
-        `fsq_levels` (one channel per level); an explicit contradicting pair raises.
+        `fsq_levels` (one channel per level); an explicit contradicting pair raises when built.
         """
         from .presets import PRESETS
 
@@ -135,7 +152,7 @@ class VQGAN3D(ModelMixin, ConfigMixin):
         config = {**PRESETS[name], **overrides}
         if config.get("quantizer_type") == "fsq" and "vq_embed_dim" not in overrides:
             config["vq_embed_dim"] = len(config.get("fsq_levels", DEFAULT_FSQ_LEVELS))
-        return cls(**config)
+        return config
 
     # ----------------------------------------------------------------------------- shapes
 

@@ -16,6 +16,7 @@ from diffusers.utils import BaseOutput
 
 from ..data.nifti import ct_from_image
 from ..data.volume_io import load_volume
+from ..input_spec import check_volume
 from ..intensity import hu_to_unit, unit_to_hu
 from ..model_source import ModelSource, local_model, resolve_model
 from ..models import VQGAN3D
@@ -141,10 +142,17 @@ class CTPAReconstructionPipeline(DiffusionPipeline):
     @staticmethod
     def read_volume(volume: VolumeInput) -> np.ndarray | torch.Tensor:
         """The `(D, H, W)` HU data of any accepted input; errors name the input and the problem."""
+        return CTPAReconstructionPipeline._read(volume)[0]
+
+    @staticmethod
+    def _read(volume: VolumeInput) -> tuple[np.ndarray | torch.Tensor, tuple[float, ...] | None, str | None]:
+        """`(HU (D, H, W), spacing in mm, name)`; a file or image gives its own spacing and name, an array neither."""
         if isinstance(volume, (str, os.PathLike)):
-            return load_volume(volume).hu
+            ct = load_volume(volume)
+            return ct.hu, ct.spacing, ct.name
         if isinstance(volume, nib.spatialimages.SpatialImage):
-            return ct_from_image(volume, name=str(volume.get_filename() or "nibabel image")).hu
+            ct = ct_from_image(volume, name=str(volume.get_filename() or "nibabel image"))
+            return ct.hu, ct.spacing, ct.name
         if not isinstance(volume, (np.ndarray, torch.Tensor)):
             raise TypeError(
                 f"volume must be a (D, H, W) array/tensor, a volume path or a nibabel image, got {type(volume)}"
@@ -154,7 +162,23 @@ class CTPAReconstructionPipeline(DiffusionPipeline):
         finite = np.isfinite(volume).all() if isinstance(volume, np.ndarray) else torch.isfinite(volume).all()
         if not finite:
             raise ValueError("volume holds NaN or Inf voxels")
-        return volume
+        return volume, None, None
+
+    def check_input(
+        self, hu: np.ndarray | torch.Tensor, spacing: Sequence[float] | None = None, name: str = "volume"
+    ) -> list[str]:
+        """Compare a volume (HU `(D, H, W)`, spacing in mm if known) with the model's `training_data`
+        record: one `ctpa_vq.input_spec.InputSpecWarning` naming `name` and what lies outside it
+        (spacing, clipped fraction); never raises. Silent for a model without the record."""
+        return check_volume(getattr(self.vqgan.config, "training_data", None), name, hu, spacing, self.window)
+
+    def _read_checked(
+        self, volume: VolumeInput, spacing: Sequence[float] | None, name: str | None
+    ) -> np.ndarray | torch.Tensor:
+        """`read_volume`, then `check_input` with the file's own spacing and name (else those given)."""
+        hu, own_spacing, own_name = self._read(volume)
+        self.check_input(hu, own_spacing or spacing, name or own_name or "volume")
+        return hu
 
     def _to_unit(self, hu: np.ndarray | torch.Tensor) -> torch.Tensor:
         """HU `(D, H, W)` -> float32 `(1, D, H, W)` CPU tensor in [-1, 1], slab by slab."""
@@ -209,6 +233,8 @@ class CTPAReconstructionPipeline(DiffusionPipeline):
         latent_blend: StitchMode = "nearest",
         batch_size: int = 1,
         max_patch_voxels: int | None = None,
+        spacing: Sequence[float] | None = None,
+        name: str | None = None,
     ) -> torch.Tensor:
         """HU volume `(D, H, W)` -> continuous latent grid `(1, C, ceil(D/f), ceil(H/f), ceil(W/f))`.
 
@@ -217,8 +243,9 @@ class CTPAReconstructionPipeline(DiffusionPipeline):
         so the quantised grid holds the very codes per-patch inference uses (quantisation is per
         vector); a blend mode averages overlapping latents instead. These are the unscaled
         latents of `VQGAN3D.encode`; a DDPM standardises them with `vqgan.scale_latents`.
+        `spacing` (mm) and `name` of an array input are what `check_input` reports on.
         """
-        unit = self._to_unit(self.read_volume(volume))
+        unit = self._to_unit(self._read_checked(volume, spacing, name))
         grid = self.patch_grid(unit.shape[1:], patch_size, overlap, max_patch_voxels)
         return self._encode_unit(unit, grid, latent_blend, batch_size)
 
@@ -335,6 +362,8 @@ class CTPAReconstructionPipeline(DiffusionPipeline):
         max_patch_voxels: int | None = None,
         latent_blend: StitchMode = "nearest",
         route: str = "per-patch",
+        spacing: Sequence[float] | None = None,
+        name: str | None = None,
     ) -> CTPAReconstructionOutput | tuple:
         """Reconstruct a whole HU volume patch-wise.
 
@@ -356,6 +385,9 @@ class CTPAReconstructionPipeline(DiffusionPipeline):
                 extra model cost); `"latent-grid"`: `encode_volume`, then `decode_latents` of the
                 quantised grid, the path a DDPM's samples take (same cost; on a trained `tiny`
                 model 0.1 dB lower with 64^3 patches, equal when one patch covers the volume).
+            spacing, name: an array's voxel spacing in mm (D, H, W) and a name, for `check_input`'s
+                warning when the volume lies outside the model's training data (a file or nibabel
+                image gives its own); the volume is not resampled (see `ctpa_vq.spacing`).
 
         Returns:
             `CTPAReconstructionOutput` (or a tuple `(reconstruction, latents, indices)`).
@@ -364,7 +396,7 @@ class CTPAReconstructionPipeline(DiffusionPipeline):
             raise ValueError(f"output_type must be 'np' or 'pt', got {output_type!r}")
         if route not in ROUTES:
             raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
-        hu = self.read_volume(volume)
+        hu = self._read_checked(volume, spacing, name)
         grid = self.patch_grid(hu.shape, patch_size, overlap, max_patch_voxels)
         if route == "latent-grid":
             latents = self._encode_unit(self._to_unit(hu), grid, latent_blend, batch_size)
@@ -387,9 +419,11 @@ def load_reconstruction_pipeline(
     model: str | os.PathLike | ModelSource, torch_dtype: torch.dtype | None = None
 ) -> CTPAReconstructionPipeline:
     """A pipeline from a saved pipeline or a bare `VQGAN3D`, as a local folder or a Hub repo id
-    (`ctpa_vq.model_source.resolve_model`), or from an already resolved `ModelSource`."""
+    (`org/name[@revision]`, `ctpa_vq.model_source.resolve_model`), or from an already resolved `ModelSource`."""
     source = model if isinstance(model, ModelSource) else resolve_model(model)
     kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+    if source.revision is not None:
+        kwargs["revision"] = source.revision
     if source.is_pipeline:
         return CTPAReconstructionPipeline.from_pretrained(source.location, **kwargs)
     return CTPAReconstructionPipeline(VQGAN3D.from_pretrained(source.location, **kwargs))

@@ -16,10 +16,19 @@ from omegaconf import DictConfig, OmegaConf
 
 @dataclass
 class ModelConfig:
-    """The generator and its reconstruction loss."""
+    """The generator and its reconstruction loss.
 
-    preset: str = "tiny"
+    A fresh run builds `preset` (null: "tiny") with `overrides`. With `pretrained` (a saved pipeline
+    or model folder, or ORG/NAME[@REVISION] on the Hub) the run starts from that model: its weights,
+    EMA codebook and architecture; a `preset` or override that contradicts it is an error, and only
+    the quantizer's training settings may change (see `training/pretrained.py`). `freeze` names the
+    parts that stay as they are: `encoder`, `quantizer`, `decoder`.
+    """
+
+    preset: Optional[str] = None  # null: "tiny" for a fresh run; the pretrained model's own with `pretrained`
     overrides: dict[str, Any] = field(default_factory=dict)  # any VQGAN3D config field
+    pretrained: Optional[str] = None  # PATH | ORG/NAME[@REVISION]: start from this trained model
+    freeze: list[str] = field(default_factory=list)  # e.g. [encoder, quantizer]: no gradients, no codebook updates
     gradient_checkpointing: bool = False
     l1_weight: float = 4.0
     dense_weight: float = 1.0  # L1 weight of voxels >= dense_threshold_hu (vessels, bone); 1: plain L1

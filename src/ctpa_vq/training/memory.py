@@ -41,6 +41,7 @@ from ..models import VQGAN3D
 from .adversarial import Discriminators
 from .config import TrainConfig
 from .perceptual import PerceptualLoss2D
+from .pretrained import generator_config
 from .schedules import adamw
 from .steps import critic_loss, generator_loss
 
@@ -151,7 +152,7 @@ class _StepParts:
         """Modules built on the meta device (no initialisation), to be given fake storage by `to_fake`."""
         gan = config.gan
         with torch.device("meta"):
-            parts = cls(VQGAN3D.from_preset(config.model.preset, **config.model.overrides))
+            parts = cls(VQGAN3D(**generator_config(config.model)))
             if gan_stage and gan.uses_discriminator:
                 parts.critics = Discriminators.from_gan_config(gan)
             if gan_stage and gan.perceptual_weight > 0:

@@ -7,7 +7,9 @@ from dataclasses import asdict, dataclass
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
+from typing import Sequence
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
@@ -17,12 +19,13 @@ from torch.utils.data import DataLoader
 from ..data.patch_dataset import RandomPatchDataset, VolumeStore
 from ..data.phantom import write_phantom_dir
 from ..data.prepare import prepare_dataset
-from ..models import VQGAN3D
+from ..input_spec import describe_training_data
 from .adversarial import Discriminators
 from .checkpoints import resolve_checkpoint
 from .config import TrainConfig, TrainingConfig
 from .perceptual import PerceptualLoss2D, build_perceptual_loss
 from .nonfinite import NonFiniteGuard
+from .pretrained import build_generator
 from .sampler import EpochShuffleSampler
 from .schedules import adamw, critic_lr_factor, lr_factor
 
@@ -120,13 +123,24 @@ def volume_stores(config: TrainConfig, accelerator: Accelerator) -> tuple[Volume
     return train, val
 
 
+def training_data_record(
+    volumes: VolumeStore, hu_window: Sequence[float], config: TrainConfig, measured: int = 16
+) -> dict:
+    """The input specification of the training split that every export carries (`ctpa_vq.input_spec`):
+    spacings of all volumes, the clipped fraction of up to `measured` volumes spread over the split."""
+    picks = np.unique(np.linspace(0, len(volumes) - 1, min(measured, len(volumes))).round().astype(int))
+    sample = (volumes.volume(int(i)) for i in picks)
+    return describe_training_data(volumes.spacings, sample, hu_window, config.dataset.patch_size)
+
+
 def build_training(config: TrainConfig, accelerator: Accelerator | None = None) -> TrainingParts:
     """Build and `prepare` every part of a run from its recipe (a fresh run, at step 0)."""
     accelerator = accelerator or build_accelerator(config)
     configure_backends(config.training, accelerator.device)
     set_seed(config.training.seed, device_specific=True)
     train_volumes, val_volumes = volume_stores(config, accelerator)
-    model = VQGAN3D.from_preset(config.model.preset, **config.model.overrides)
+    with accelerator.main_process_first():  # a Hub model is downloaded once, then read from the cache
+        model = build_generator(config.model)
     if config.model.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     dataset = RandomPatchDataset(
@@ -135,7 +149,8 @@ def build_training(config: TrainConfig, accelerator: Accelerator | None = None) 
         patches_per_volume=config.dataset.patches_per_volume,
         seed=config.training.seed,
         min_foreground_fraction=config.dataset.min_foreground_fraction,
-    )
+    )  # (raises on an empty split)
+    model.register_to_config(training_data=training_data_record(train_volumes, model.config.hu_window, config))
     loader = DataLoader(
         dataset,
         batch_size=config.training.batch_size,
@@ -146,7 +161,7 @@ def build_training(config: TrainConfig, accelerator: Accelerator | None = None) 
     )
     # Fused AdamW: it takes the non-finite guard's `found_inf` flag on the device (no host sync).
     g, d, gan, total = config.optimizer, config.critic_optimizer, config.gan, config.training.max_steps
-    opt_g = adamw(model.parameters(), g, fused=True)
+    opt_g = adamw([p for p in model.parameters() if p.requires_grad], g, fused=True)  # frozen parts: no state
     sched_g = torch.optim.lr_scheduler.LambdaLR(
         opt_g, partial(lr_factor, warmup=g.warmup_steps, total=total, floor=g.min_lr_ratio)
     )

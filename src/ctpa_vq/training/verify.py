@@ -14,6 +14,7 @@ import yaml
 from ..models import VQGAN3D
 from .config import TrainConfig
 from .memory import GIB, predict_step_memory, with_knob
+from .pretrained import generator_config
 
 PASS, WARN, FAIL = "PASS", "WARN", "FAIL"
 
@@ -134,7 +135,7 @@ def _data_checks(config: TrainConfig) -> list[Check]:
 
 
 def _disk_check(config: TrainConfig) -> Check:
-    model = VQGAN3D.from_preset(config.model.preset, **config.model.overrides)
+    model = VQGAN3D(**generator_config(config.model))
     params = sum(p.numel() for p in model.parameters())
     # weights + two Adam moments in fp32, per checkpoint; exports (best, final) hold the weights once.
     checkpoint = params * 4 * 3
