@@ -211,6 +211,17 @@ def test_a_damaged_key_file_is_refused_by_name(tmp_path):
         PseudonymKey.load(tmp_path / "bad.key")
 
 
+def test_a_key_file_that_is_not_text_is_refused_by_name(tmp_path, capsys):
+    (tmp_path / "binary.key").write_bytes(b"\x89\x00\xcc\xfe" * 8)  # e.g. a key saved as raw bytes
+    with pytest.raises(ValueError, match="binary.key: not a pseudonymisation key \\(not text"):
+        PseudonymKey.load(tmp_path / "binary.key")
+    write_phantom_dir(tmp_path / "in", 1, SHAPE)
+    assert main(["prepare", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
+                 "--key-file", str(tmp_path / "binary.key"), "--no-progress"]) == 2
+    error = capsys.readouterr().err
+    assert "binary.key: not a pseudonymisation key" in error and "codec" not in error
+
+
 def test_resampling_to_a_target_spacing_keeps_world_positions(tmp_path):
     inputs = tmp_path / "in"
     source = write_phantom_nifti(inputs / "p0.nii.gz", (17, 21, 24), seed=3, spacing=(1.0, 0.7, 0.7))
