@@ -34,6 +34,9 @@ def _add_prepare(subparsers) -> None:
     prepare.add_argument("--patients-per-shard", type=int, default=8, help="patients per shard, the unit of resuming")
     prepare.add_argument("--combine", nargs="+", default=None, metavar="PART",
                          help="join the outputs of --shard runs into --output (instead of reading --input)")
+    prepare.add_argument("--all-series", action="store_true",
+                         help="keep every DICOM series of a study (default: the axial series with the most slices, "
+                         "then the thinnest; the others are listed as skipped)")
     prepare.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_privacy_options(prepare)
     prepare.set_defaults(handler=_run_prepare)
@@ -86,7 +89,7 @@ def _run_prepare(args: argparse.Namespace) -> int:
         args.input, args.output, val_fraction=args.val_fraction, max_patients=args.max_patients, seed=args.seed,
         overwrite=args.overwrite, progress=not args.no_progress, target_spacing=args.spacing,
         keep_identifiers=args.keep_identifiers, key=key, num_proc=args.num_proc, shard=args.shard,
-        patients_per_shard=args.patients_per_shard,
+        patients_per_shard=args.patients_per_shard, all_series=args.all_series,
     )
     if process_rank()[0] == 0:
         print(report.summary())

@@ -31,7 +31,8 @@ from .nifti import LPS_TO_RAS, CTFileError, CTVolume, ct_from_image
 
 SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"  # DICOMDIR
-_HEADER_TAGS = ["SeriesInstanceUID", "SeriesNumber", "Modality", "ImageType", "SOPClassUID"]
+_HEADER_TAGS = ["SeriesInstanceUID", "SeriesNumber", "Modality", "ImageType", "SOPClassUID", "StudyInstanceUID",
+                "ImageOrientationPatient", "SliceThickness"]
 _ORIENTATION_TOLERANCE = 1e-4  # direction cosines
 _SPACING_TOLERANCE = 0.01  # relative deviation of a slice step from the median step
 _GAP_FACTOR = 1.5  # a step this many times the median step means slices are missing
@@ -51,12 +52,18 @@ class DicomSeries:
         files: the series' files (unordered; :func:`load_dicom_series` orders them).
         skip_reason: why this series is not a CT volume to read (localizer, ...), or None.
         error: why it cannot be read although it should be (an unreadable file), or None.
+        study: the StudyInstanceUID (only to group a study's series; never stored), or "".
+        normal: the slice normal (row x column direction cosines, LPS) of its first file, or None.
+        slice_thickness: SliceThickness of its first file in mm, or None.
     """
 
     name: str
     files: list[Path]
     skip_reason: str | None = None
     error: str | None = None
+    study: str = ""
+    normal: tuple[float, float, float] | None = None
+    slice_thickness: float | None = None
 
 
 def _pydicom():
@@ -113,8 +120,26 @@ def find_series(folder: str | os.PathLike, files: list[Path] | None = None) -> l
     series = []
     for k, uid in enumerate(uids, start=1):
         name = str(folder) if len(uids) == 1 else f"{folder}#{k}"
-        series.append(DicomSeries(name, sorted(groups[uid]), _skip_reason(headers[uid])))
+        header = headers[uid]
+        series.append(DicomSeries(name, sorted(groups[uid]), _skip_reason(header),
+                                  study=str(header.get("StudyInstanceUID", "")), normal=_normal(header),
+                                  slice_thickness=_float_or_none(header.get("SliceThickness"))))
     return series + broken
+
+
+def _normal(header) -> tuple[float, float, float] | None:
+    try:
+        cosines = np.array([float(v) for v in header.get("ImageOrientationPatient")], dtype=float)
+        return tuple(float(v) for v in np.cross(cosines[:3], cosines[3:]))
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+def _float_or_none(value) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def _skip_reason(header) -> str | None:

@@ -70,6 +70,7 @@ from .prepare_shards import (
     write_json,
 )
 from .resample import resample, resampled_affine
+from .series_selection import select_series
 from .volume_io import INPUT_KINDS, VOLUME_SUFFIXES, VolumeSource, find_volumes, load_volume
 
 __all__ = ["FEATURES", "PrepareReport", "combine_parts", "patient_id", "patient_split", "prepare_dataset",
@@ -175,6 +176,7 @@ class _ShardJob:
     patients: tuple[_Patient, ...]
     target_spacing: tuple[float, float, float] | None
     key: PseudonymKey | None  # None: keep identifiers
+    all_series: bool  # keep every DICOM series of a study (else one: .series_selection)
 
     def stored(self, identifier: str) -> str:
         return identifier if self.key is None else self.key.pseudonym(identifier)
@@ -211,7 +213,7 @@ def _patient_volumes(input_dir: Path, entries: Sequence[str]) -> list[VolumeSour
     if loose_dicom:  # DICOM files directly in the input folder: the series among them
         from .dicom import load_dicom_series
 
-        sources += [VolumeSource(s.name, input_dir, lambda s=s: load_dicom_series(s))
+        sources += [VolumeSource(s.name, input_dir, lambda s=s: load_dicom_series(s), s)
                     for s in find_series(input_dir, loose_dicom)]
     return sorted(sources, key=lambda s: s.name)
 
@@ -237,7 +239,14 @@ def prepare_shard(job: _ShardJob, on_volume: Callable[[int], None] | None = None
     try:
         for patient in job.patients:
             stored_patient, kept = job.stored(patient.patient), 0
-            for source in _patient_volumes(input_dir, patient.entries):
+            sources = _patient_volumes(input_dir, patient.entries)
+            if not job.all_series:
+                sources, not_chosen = select_series(sources)
+                for source, reason in not_chosen:
+                    skipped.append((str(source.path), f"{source.name}: {reason}"))
+                    skipped_stored.append({"source": job.stored(os.path.relpath(source.name, input_dir)),
+                                           "kind": "another series of the study chosen", "problem": reason})
+            for source in sources:
                 stored_source = job.stored(os.path.relpath(source.name, input_dir))
                 try:
                     volume = source.load()
@@ -301,6 +310,7 @@ def prepare_dataset(
     num_proc: int = 1,
     shard: tuple[int, int] | None = None,
     patients_per_shard: int = 8,
+    all_series: bool = False,
 ) -> PrepareReport:
     """Prepare every CT volume under ``input_dir`` into a train/validation ``DatasetDict`` at ``output_dir``.
 
@@ -313,6 +323,8 @@ def prepare_dataset(
         shard: ``(i, n)``: prepare only every ``n``-th shard from the ``i``-th (0-based); the
             dataset index is then left to :func:`combine_parts`.
         patients_per_shard: patients per shard (the unit of resuming).
+        all_series: keep every DICOM series of a study, not only the one
+            :mod:`.series_selection` chooses.
 
     Unreadable volumes are skipped and reported by name with the reason; inputs are only read.
     A run into an unfinished output of the same inputs and settings resumes it.
@@ -358,6 +370,7 @@ def prepare_dataset(
         "max_patients": max_patients,
         "target_spacing": list(target_spacing) if target_spacing else None,
         "keep_identifiers": keep_identifiers,
+        "all_series": all_series,
         "key_check": None if keep_identifiers else key.pseudonym("ctpa-vq key check"),
         "patients_digest": hashlib.sha256("\n".join(stored(p.patient) for p in patients).encode()).hexdigest(),
     }
@@ -368,7 +381,7 @@ def prepare_dataset(
     workers = parts * world
     worker = part * world + rank
     jobs = [_ShardJob(k, plan_id, str(input_dir), str(output_dir), tuple(chunk), target_spacing,
-                      None if keep_identifiers else key)
+                      None if keep_identifiers else key, all_series)
             for k, chunk in enumerate(chunks) if k % workers == worker and k not in done]
     report = PrepareReport(output_dir=output_dir, target_spacing=target_spacing, resumed_shards=len(done),
                            finished=shard is None)
@@ -530,7 +543,7 @@ def _report_json(manifests: dict[int, dict], plan: dict) -> dict:
         },
         "skipped": {"count": len(skipped), "by_reason": reasons, "volumes": skipped},
         "settings": {k: plan[k] for k in ("val_fraction", "seed", "max_patients", "target_spacing",
-                                          "keep_identifiers", "patients_per_shard", "shards")},
+                                          "keep_identifiers", "all_series", "patients_per_shard", "shards")},
     }
 
 

@@ -17,7 +17,7 @@ from typing import Callable
 
 import numpy as np
 
-from .dicom import find_series, is_dicom_file, load_dicom_series
+from .dicom import DicomSeries, find_series, is_dicom_file, load_dicom_series
 from .itk_image import ITK_SUFFIXES, load_itk, save_itk_like
 from .nifti import CTFileError, CTVolume, load_ct, save_ct_like
 
@@ -29,11 +29,13 @@ INPUT_KINDS = ".nii/.nii.gz, .nrrd/.nhdr, .mha/.mhd files or DICOM series folder
 @dataclass
 class VolumeSource:
     """One volume found under a folder: its name (file, series folder, or ``folder#k``), its
-    path, and how to read it. ``load`` raises :class:`CTFileError` naming it and the problem."""
+    path, and how to read it. ``load`` raises :class:`CTFileError` naming it and the problem.
+    ``series``: the DICOM series it reads (None for a file)."""
 
     name: str
     path: Path
     load: Callable[[], CTVolume]
+    series: DicomSeries | None = None
 
 
 def load_volume(path: str | os.PathLike) -> CTVolume:
@@ -94,7 +96,7 @@ def find_volumes(folder: str | os.PathLike) -> list[VolumeSource]:
             elif is_dicom_file(path):
                 dicom_files.append(path)
         if dicom_files:
-            sources += [VolumeSource(series.name, directory, partial(load_dicom_series, series))
+            sources += [VolumeSource(series.name, directory, partial(load_dicom_series, series), series)
                         for series in find_series(directory, dicom_files)]
     return sorted(sources, key=lambda s: s.name)
 
