@@ -77,13 +77,14 @@ def _load_series_folder(folder: Path) -> CTVolume:
                               f"(`prepare` takes each as its own volume):\n{listing}")
 
 
-def find_volumes(folder: str | os.PathLike) -> list[VolumeSource]:
+def find_volumes(folder: str | os.PathLike, read_dicom_whole: bool = False) -> list[VolumeSource]:
     """Every volume under ``folder`` (recursive, sorted by name).
 
     Each NIfTI/NRRD/MetaImage file is a volume; the DICOM files directly in one folder form one
     volume per series. A series that is no CT volume (localizer, ...) is listed too: its ``load``
     raises :class:`~ctpa_vq.data.dicom.SkippedSeries` with the reason. Other files (notes, the
-    ``.raw`` data of ``.mhd`` headers) are ignored.
+    ``.raw`` data of ``.mhd`` headers) are ignored. ``read_dicom_whole``: see
+    :func:`~ctpa_vq.data.dicom.find_series` (each DICOM file read once, kept until loaded).
     """
     sources = []
     for directory, _, names in os.walk(folder):
@@ -97,7 +98,7 @@ def find_volumes(folder: str | os.PathLike) -> list[VolumeSource]:
                 dicom_files.append(path)
         if dicom_files:
             sources += [VolumeSource(series.name, directory, partial(load_dicom_series, series), series)
-                        for series in find_series(directory, dicom_files)]
+                        for series in find_series(directory, dicom_files, read_whole=read_dicom_whole)]
     return sorted(sources, key=lambda s: s.name)
 
 
