@@ -45,6 +45,7 @@ import queue
 import shutil
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -69,6 +70,7 @@ from .prepare_shards import (
     write_index,
     write_json,
 )
+from .hub_input import fetched, is_hub_path, list_hub_entries
 from .resample import resample, resampled_affine
 from .series_selection import select_series
 from .volume_io import INPUT_KINDS, VOLUME_SUFFIXES, VolumeSource, find_volumes, load_volume
@@ -116,11 +118,14 @@ class PrepareReport:
 def patient_id(path: Path, input_dir: Path) -> str:
     """The patient a volume belongs to (see the module docstring)."""
     parts = path.relative_to(input_dir).parts
-    first = parts[0] if parts else input_dir.name  # DICOM files directly in the input directory
+    return _without_suffix(parts[0] if parts else input_dir.name)  # no parts: DICOM files directly in input_dir
+
+
+def _without_suffix(name: str) -> str:
     for suffix in sorted(VOLUME_SUFFIXES, key=len, reverse=True):
-        if first.endswith(suffix):
-            return first[: -len(suffix)]
-    return first
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
 
 
 def _unit_hash(*parts: object) -> float:
@@ -184,18 +189,35 @@ class _ShardJob:
 
 @dataclass
 class _ShardResult:
+    """What a shard's worker did: paths for this run's report, pseudonymous entries for the manifest."""
+
     index: int
-    used: list[str]  # paths
-    skipped: list[tuple[str, str]]  # (path, message)
+    used: list[str] = field(default_factory=list)  # paths
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, message)
+    patients: list[dict] = field(default_factory=list)  # manifest: {"patient", "split", "volumes"}
+    volumes: list[dict] = field(default_factory=list)  # manifest: {"source", "split", "bytes"}
+    skipped_stored: list[dict] = field(default_factory=list)  # manifest: {"source", "kind", "problem"}
+
+    def skip(self, path: Path, message: str, stored_source: str, kind: str, problem: str) -> None:
+        self.skipped.append((str(path), message))
+        self.skipped_stored.append({"source": stored_source, "kind": kind, "problem": problem})
 
 
-def list_patients(input_dir: Path) -> dict[str, list[str]]:
-    """Patient id -> its top-level entries under ``input_dir`` (one ``os.scandir``; nothing is read)."""
+def list_patients(input_dir: Path | str) -> dict[str, list[str]]:
+    """Patient id -> its top-level entries under ``input_dir`` (a folder, or ``hf://datasets/...``): one
+    listing of the top level, no volume read. Folders and volume files are entries; so are loose DICOM
+    files (their patient is the input folder's name)."""
+    if is_hub_path(input_dir):
+        root_name = str(input_dir).rstrip("/").rsplit("/", 1)[-1]
+        listing = [(name, folder, name.lower().endswith(".dcm")) for name, folder in list_hub_entries(str(input_dir))]
+    else:
+        root_name = Path(input_dir).name
+        listing = [(entry.name, entry.is_dir(), not entry.is_dir() and is_dicom_file(entry.path))
+                   for entry in os.scandir(input_dir)]
     patients: dict[str, list[str]] = {}
-    for entry in sorted(os.scandir(input_dir), key=lambda e: e.name):
-        path = Path(entry.path)
-        if entry.is_dir() or entry.name.endswith(VOLUME_SUFFIXES) or is_dicom_file(path):
-            patients.setdefault(patient_id(path, input_dir), []).append(entry.name)
+    for name, folder, loose_dicom in sorted(listing):
+        if folder or name.endswith(VOLUME_SUFFIXES) or loose_dicom:
+            patients.setdefault(root_name if loose_dicom else _without_suffix(name), []).append(name)
     return patients
 
 
@@ -230,50 +252,60 @@ def _init_worker(progress_queue) -> None:
 def prepare_shard(job: _ShardJob, on_volume: Callable[[int], None] | None = None) -> _ShardResult:
     """Read, convert and write every volume of one shard, then its manifest (which marks it finished)."""
     report = on_volume or (lambda nbytes: _progress_queue.put(("volume", nbytes)) if _progress_queue else None)
-    input_dir, output_dir = Path(job.input_dir), Path(job.output_dir)
+    output_dir = Path(job.output_dir)
     shards_dir = output_dir / SHARDS_DIR
     for stale in shards_dir.glob(f".{shard_name(job.index)}.json.*"):
         stale.unlink(missing_ok=True)
     writer = ShardWriter(output_dir, job.index)
-    used, skipped, patients, volumes, skipped_stored = [], [], [], [], []
+    result = _ShardResult(job.index)
     try:
         for patient in job.patients:
-            stored_patient, kept = job.stored(patient.patient), 0
-            sources = _patient_volumes(input_dir, patient.entries)
-            if not job.all_series:
-                sources, not_chosen = select_series(sources)
-                for source, reason in not_chosen:
-                    skipped.append((str(source.path), f"{source.name}: {reason}"))
-                    skipped_stored.append({"source": job.stored(os.path.relpath(source.name, input_dir)),
-                                           "kind": "another series of the study chosen", "problem": reason})
-            for source in sources:
-                stored_source = job.stored(os.path.relpath(source.name, input_dir))
-                try:
-                    volume = source.load()
-                except (CTFileError, FileNotFoundError) as err:
-                    kind = "not a CT volume" if isinstance(err, SkippedSeries) else "unreadable or not a regular grid"
-                    skipped.append((str(source.path), str(err)))
-                    skipped_stored.append({"source": stored_source, "kind": kind,
-                                           "problem": getattr(err, "problem", type(err).__name__)})
-                    continue
-                hu, spacing, affine = _converted(volume, job.target_spacing)
-                writer.write(patient.split, row_batch(stored_patient, stored_source, hu, spacing, affine,
-                                                      volume.shape, volume.spacing))
-                used.append(str(source.path))
-                volumes.append({"source": stored_source, "split": patient.split, "bytes": int(hu.nbytes)})
-                kept += 1
-                report(int(hu.nbytes))
-                del volume, hu
+            with _local(job.input_dir, patient.entries) as input_dir:
+                kept = _prepare_patient(job, patient, input_dir, writer, result, report)
             if kept:
-                patients.append({"patient": stored_patient, "split": patient.split, "volumes": kept})
+                result.patients.append({"patient": job.stored(patient.patient), "split": patient.split, "volumes": kept})
     except BaseException as err:
         writer.close(err)
         raise
     writer.close()
-    manifest = {"index": job.index, "plan_id": job.plan_id, "rows": writer.rows, "patients": patients,
-                "volumes": volumes, "skipped": skipped_stored}
+    manifest = {"index": job.index, "plan_id": job.plan_id, "rows": writer.rows, "patients": result.patients,
+                "volumes": result.volumes, "skipped": result.skipped_stored}
     write_json(shards_dir / f"{shard_name(job.index)}.json", manifest)
-    return _ShardResult(job.index, used, skipped)
+    return result
+
+
+def _local(input_dir: str, entries: Sequence[str]):
+    """The folder holding a patient's entries: the input folder itself, or a temporary copy fetched from the Hub."""
+    return fetched(input_dir, entries) if is_hub_path(input_dir) else nullcontext(Path(input_dir))
+
+
+def _prepare_patient(job: _ShardJob, patient: _Patient, input_dir: Path, writer: ShardWriter,
+                     result: _ShardResult, report: Callable[[int], None]) -> int:
+    """Write one patient's volumes into the shard (recording them in ``result``); return how many were usable."""
+    stored_patient, kept = job.stored(patient.patient), 0
+    sources = _patient_volumes(input_dir, patient.entries)
+    if not job.all_series:
+        sources, not_chosen = select_series(sources)
+        for source, reason in not_chosen:
+            result.skip(source.path, f"{source.name}: {reason}", job.stored(os.path.relpath(source.name, input_dir)),
+                        "another series of the study chosen", reason)
+    for source in sources:
+        stored_source = job.stored(os.path.relpath(source.name, input_dir))
+        try:
+            volume = source.load()
+        except (CTFileError, FileNotFoundError) as err:
+            kind = "not a CT volume" if isinstance(err, SkippedSeries) else "unreadable or not a regular grid"
+            result.skip(source.path, str(err), stored_source, kind, getattr(err, "problem", type(err).__name__))
+            continue
+        hu, spacing, affine = _converted(volume, job.target_spacing)
+        writer.write(patient.split, row_batch(stored_patient, stored_source, hu, spacing, affine,
+                                              volume.shape, volume.spacing))
+        result.used.append(str(source.path))
+        result.volumes.append({"source": stored_source, "split": patient.split, "bytes": int(hu.nbytes)})
+        kept += 1
+        report(int(hu.nbytes))
+        del volume, hu
+    return kept
 
 
 def _converted(volume, target_spacing):
@@ -334,8 +366,9 @@ def prepare_dataset(
         ValueError: no volume found, none usable, bad settings, or ``output_dir`` is finished or
             holds something else (without ``overwrite``).
     """
-    input_dir, output_dir = Path(input_dir), Path(output_dir)
-    if not input_dir.is_dir():
+    input_dir = str(input_dir) if is_hub_path(input_dir) else Path(input_dir)
+    output_dir = Path(output_dir)
+    if isinstance(input_dir, Path) and not input_dir.is_dir():
         raise FileNotFoundError(f"{input_dir}: no such directory")
     if target_spacing is not None:
         target_spacing = tuple(float(t) for t in target_spacing)
