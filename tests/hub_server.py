@@ -62,6 +62,14 @@ class StoredFile:
         return self.lfs_sha256 or git_blob_sha1(self.content)
 
 
+def _file_entry(path: str, stored: StoredFile) -> dict:
+    """A file as the tree and paths-info endpoints describe it."""
+    entry = {"type": "file", "path": path, "size": len(stored.content), "oid": git_blob_sha1(stored.content)}
+    if stored.lfs_sha256:
+        entry["lfs"] = {"oid": stored.lfs_sha256, "size": len(stored.content), "pointerSize": 134}
+    return entry
+
+
 @dataclass
 class Repo:
     private: bool
@@ -280,17 +288,26 @@ class HubHandler(BaseHTTPRequestHandler):
         self._json(200, {"id": repo.removeprefix("datasets/"), "sha": sha, "private": found.private,
                          "siblings": siblings})
 
-    def tree(self, repo: str, revision: str, prefix: str | None = None) -> None:
+    def _files_at(self, repo: str, revision: str) -> tuple[str, dict[str, StoredFile]] | None:
+        """(commit, path -> file) of a readable repo's revision; otherwise sends the error and returns None."""
         found = self._repo(repo, write=False)
         if found is None:
-            return
+            return None
         sha = found.resolve(revision)
         if sha is None:
-            return self._error(404, f"Invalid rev id: {revision}", "RevisionNotFound")
+            self._error(404, f"Invalid rev id: {revision}", "RevisionNotFound")
+            return None
+        return sha, found.commits[sha]
+
+    def tree(self, repo: str, revision: str, prefix: str | None = None) -> None:
+        at = self._files_at(repo, revision)
+        if at is None:
+            return
+        sha, files = at
         recursive = parse_qs(urlsplit(self.path).query).get("recursive", ["False"])[0].lower() == "true"
         base = f"{prefix.strip('/')}/" if prefix else ""
         entries: dict[str, dict] = {}
-        for path, stored in sorted(found.commits[sha].items()):
+        for path, stored in sorted(files.items()):
             if not path.startswith(base):
                 continue
             rest = path[len(base):]
@@ -298,29 +315,19 @@ class HubHandler(BaseHTTPRequestHandler):
                 folder = base + rest.split("/")[0]
                 entries[folder] = {"type": "directory", "path": folder, "oid": sha}
                 continue
-            entry = {"type": "file", "path": path, "size": len(stored.content), "oid": git_blob_sha1(stored.content)}
-            if stored.lfs_sha256:
-                entry["lfs"] = {"oid": stored.lfs_sha256, "size": len(stored.content), "pointerSize": 134}
-            entries[path] = entry
+            entries[path] = _file_entry(path, stored)
         self._json(200, list(entries.values()))
 
     def paths_info(self, repo: str, revision: str) -> None:
         form = parse_qs(self._body().decode())
-        found = self._repo(repo, write=False)
-        if found is None:
+        at = self._files_at(repo, revision)
+        if at is None:
             return
-        sha = found.resolve(revision)
-        if sha is None:
-            return self._error(404, f"Invalid rev id: {revision}", "RevisionNotFound")
-        tree, answer = found.commits[sha], []
+        (sha, tree), answer = at, []
         for path in form.get("paths", []):
             path = path.strip("/")
             if path in tree:
-                stored = tree[path]
-                entry = {"type": "file", "path": path, "size": len(stored.content), "oid": git_blob_sha1(stored.content)}
-                if stored.lfs_sha256:
-                    entry["lfs"] = {"oid": stored.lfs_sha256, "size": len(stored.content), "pointerSize": 134}
-                answer.append(entry)
+                answer.append(_file_entry(path, tree[path]))
             elif any(name.startswith(f"{path}/") for name in tree):
                 answer.append({"type": "directory", "path": path, "oid": sha})
         self._json(200, answer)

@@ -36,7 +36,7 @@ _HEADER_TAGS = ["SeriesInstanceUID", "SeriesNumber", "Modality", "ImageType", "S
 _ORIENTATION_TOLERANCE = 1e-4  # direction cosines
 _SPACING_TOLERANCE = 0.01  # relative deviation of a slice step from the median step
 _GAP_FACTOR = 1.5  # a step this many times the median step means slices are missing
-_INT16 = np.iinfo(np.int16)
+_STORED_INT16 = np.iinfo(np.int16)
 _GEOMETRY_TAGS = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing")
 _NATIVE_LITTLE_ENDIAN = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")  # implicit, explicit VR little endian
 _SHEAR_TOLERANCE = 1e-3  # in-plane drift per mm along the normal (tan of ~0.06 degrees)
@@ -228,7 +228,7 @@ def load_dicom_series(series: DicomSeries) -> CTVolume:
                 hu *= int(g.slope)
             if g.intercept:
                 hu += int(g.intercept)
-            if data.dtype == np.int16 and (hu.min() < _INT16.min or hu.max() > _INT16.max):
+            if data.dtype == np.int16 and (hu.min() < _STORED_INT16.min or hu.max() > _STORED_INT16.max):
                 data = data.astype(np.int32, order="F")
             data[:, :, k] = hu.T
         else:
