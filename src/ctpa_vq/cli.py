@@ -18,9 +18,13 @@ def _add_prepare(subparsers) -> None:
         "(datasets.load_from_disk)",
         description="Scans --input recursively for .nii/.nii.gz, .nrrd/.nhdr, .mha/.mhd files and DICOM series "
         "folders, reorients to canonical RAS, keeps int16 HU, spacing, affine and a pseudonymised patient id, "
-        "splits by patient. Unreadable volumes are skipped and listed.",
+        "splits by patient (a hash of its id). Unreadable volumes are skipped and listed; prepare_report.json "
+        "counts them. Written in shards as it goes: re-run the same command to resume. Under `accelerate launch` "
+        "each process prepares its share.",
     )
-    prepare.add_argument("--input", default=None, help="directory of volumes and/or DICOM series folders (read only)")
+    prepare.add_argument("--input", default=None,
+                         help="directory of volumes and/or DICOM series folders (read only), or "
+                         "hf://datasets/ORG/NAME[/PATH] (fetched one patient at a time; token: HF_TOKEN or hf auth login)")
     prepare.add_argument("--output", required=True, help="dataset directory to create (re-run to resume)")
     prepare.add_argument("--val-fraction", type=float, default=0.2, help="fraction of patients for validation")
     prepare.add_argument("--max-patients", type=int, default=None, help="use at most N patients")
