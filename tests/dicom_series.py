@@ -47,8 +47,10 @@ def write_series(
     sop_class=CTImageStorage,
     modality="CT",
     series_uid: str | None = None,
+    study_uid: str | None = None,
     series_number: int = 1,
     gantry_tilt: float | None = None,
+    slice_thickness: float | None = None,
     file_prefix: str = "slice",
     shuffle: bool = True,
 ) -> list[Path]:
@@ -65,7 +67,7 @@ def write_series(
     steps = np.full(n - 1, 2.5) if steps is None else np.asarray(steps, dtype=float)
     offsets = np.concatenate([[0.0], np.cumsum(steps)])
     series_uid = series_uid or generate_uid()
-    study_uid = generate_uid()
+    study_uid = study_uid or generate_uid()
     names = np.random.default_rng(0).permutation(n) if shuffle else np.arange(n)
     files = []
     for s in range(n):
@@ -76,6 +78,8 @@ def write_series(
                             image_type, sop_class, modality, study_uid, series_uid, series_number, s + 1)
         if gantry_tilt is not None:
             ds.GantryDetectorTilt = gantry_tilt
+        if slice_thickness is not None:
+            ds.SliceThickness = f"{slice_thickness:g}"
         path = folder / f"{file_prefix}{names[s]:03d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         files.append(path)

@@ -11,7 +11,9 @@ commit routes), so the push tests talk to this server. It speaks the same HTTP p
 - ``POST /{repo}.git/info/lfs/objects/batch`` + ``PUT /lfs-upload/{sha256}`` (LFS "basic" transfer; the
   client must run with ``HF_HUB_DISABLE_XET=1`` because there is no Xet storage here);
 - ``POST /api/models/{repo}/commit/{rev}`` (ndjson: files, LFS files, deleted files and folders), ``GET /api/models/{repo}[/revision/{rev}]``,
-  ``GET /api/models/{repo}/tree/{rev}``, ``HEAD``/``GET /{repo}/resolve/{rev}/{path}``.
+  ``GET /api/models/{repo}/tree/{rev}``, ``POST /api/models/{repo}/paths-info/{rev}``, ``HEAD``/``GET /{repo}/resolve/{rev}/{path}``;
+- the same for dataset repos (``/api/datasets/...``, ``/datasets/{repo}/resolve/...``, ``/datasets/{repo}.git/...``),
+  which is what ``huggingface_hub.HfFileSystem`` needs to list and read ``hf://datasets/ORG/NAME/...``.
 
 For failure tests, ``POST /_test/fail`` with ``{"method", "path" (a regex), "count", "status"}`` makes the
 next ``count`` matching requests answer ``status`` (a server error, as a flaky Hub would).
@@ -32,9 +34,13 @@ import json
 import os
 import re
 import secrets
+import subprocess
+import sys
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Iterator
 from urllib.parse import parse_qs, unquote, urlsplit
 
 LFS_THRESHOLD_BYTES = 10 * 1024 * 1024
@@ -54,6 +60,14 @@ class StoredFile:
     def oid(self) -> str:
         """What preupload reports as the remote oid: sha256 for LFS files, git sha1 otherwise."""
         return self.lfs_sha256 or git_blob_sha1(self.content)
+
+
+def _file_entry(path: str, stored: StoredFile) -> dict:
+    """A file as the tree and paths-info endpoints describe it."""
+    entry = {"type": "file", "path": path, "size": len(stored.content), "oid": git_blob_sha1(stored.content)}
+    if stored.lfs_sha256:
+        entry["lfs"] = {"oid": stored.lfs_sha256, "size": len(stored.content), "pointerSize": 134}
+    return entry
 
 
 @dataclass
@@ -148,8 +162,11 @@ class HubHandler(BaseHTTPRequestHandler):
         for pattern, handler in ROUTES[method]:
             match = re.fullmatch(pattern, path)
             if match:
+                arguments = match.groupdict()
+                if (arguments.pop("kind", None) or "").startswith("dataset"):  # dataset repos: their own names
+                    arguments["repo"] = f"datasets/{arguments['repo']}"
                 with self.state.lock:
-                    handler(self, **match.groupdict())
+                    handler(self, **arguments)
                 return
         self._error(404, f"no route for {method} {path}")
 
@@ -172,6 +189,9 @@ class HubHandler(BaseHTTPRequestHandler):
             return self._error(401, "Invalid credentials in Authorization header")
         repo_id = f"{payload['organization']}/{payload['name']}"
         url = {"url": f"http://{self.headers['Host']}/{repo_id}"}
+        if payload.get("type") == "dataset":
+            repo_id = f"datasets/{repo_id}"
+            url = {"url": f"http://{self.headers['Host']}/{repo_id}"}
         if repo_id in self.state.repos:
             return self._json(409, {"error": "You already created this model repo", **url})
         private = payload.get("visibility") == "private" or bool(payload.get("private"))
@@ -265,19 +285,29 @@ class HubHandler(BaseHTTPRequestHandler):
         if sha is None:
             return self._error(404, f"Invalid rev id: {revision}", "RevisionNotFound")
         siblings = [{"rfilename": path} for path in sorted(found.commits[sha])]
-        self._json(200, {"id": repo, "sha": sha, "private": found.private, "siblings": siblings})
+        self._json(200, {"id": repo.removeprefix("datasets/"), "sha": sha, "private": found.private,
+                         "siblings": siblings})
 
-    def tree(self, repo: str, revision: str, prefix: str | None = None) -> None:
+    def _files_at(self, repo: str, revision: str) -> tuple[str, dict[str, StoredFile]] | None:
+        """(commit, path -> file) of a readable repo's revision; otherwise sends the error and returns None."""
         found = self._repo(repo, write=False)
         if found is None:
-            return
+            return None
         sha = found.resolve(revision)
         if sha is None:
-            return self._error(404, f"Invalid rev id: {revision}", "RevisionNotFound")
+            self._error(404, f"Invalid rev id: {revision}", "RevisionNotFound")
+            return None
+        return sha, found.commits[sha]
+
+    def tree(self, repo: str, revision: str, prefix: str | None = None) -> None:
+        at = self._files_at(repo, revision)
+        if at is None:
+            return
+        sha, files = at
         recursive = parse_qs(urlsplit(self.path).query).get("recursive", ["False"])[0].lower() == "true"
         base = f"{prefix.strip('/')}/" if prefix else ""
         entries: dict[str, dict] = {}
-        for path, stored in sorted(found.commits[sha].items()):
+        for path, stored in sorted(files.items()):
             if not path.startswith(base):
                 continue
             rest = path[len(base):]
@@ -285,11 +315,22 @@ class HubHandler(BaseHTTPRequestHandler):
                 folder = base + rest.split("/")[0]
                 entries[folder] = {"type": "directory", "path": folder, "oid": sha}
                 continue
-            entry = {"type": "file", "path": path, "size": len(stored.content), "oid": git_blob_sha1(stored.content)}
-            if stored.lfs_sha256:
-                entry["lfs"] = {"oid": stored.lfs_sha256, "size": len(stored.content), "pointerSize": 134}
-            entries[path] = entry
+            entries[path] = _file_entry(path, stored)
         self._json(200, list(entries.values()))
+
+    def paths_info(self, repo: str, revision: str) -> None:
+        form = parse_qs(self._body().decode())
+        at = self._files_at(repo, revision)
+        if at is None:
+            return
+        (sha, tree), answer = at, []
+        for path in form.get("paths", []):
+            path = path.strip("/")
+            if path in tree:
+                answer.append(_file_entry(path, tree[path]))
+            elif any(name.startswith(f"{path}/") for name in tree):
+                answer.append({"type": "directory", "path": path, "oid": sha})
+        self._json(200, answer)
 
     def resolve(self, repo: str, revision: str, path: str) -> None:
         found = self._repo(repo, write=False)
@@ -318,23 +359,25 @@ class HubHandler(BaseHTTPRequestHandler):
         self._json(200, {"status": "ok"})
 
 
+KIND = r"(?P<kind>models|datasets)"  # the API's repo kinds; a dataset repo is stored as "datasets/ORG/NAME"
 ROUTES: dict[str, list[tuple[str, object]]] = {
     "GET": [
         (r"/health", HubHandler.health),
-        (rf"/api/models/{REPO}", HubHandler.model_info),
-        (rf"/api/models/{REPO}/revision/(?P<revision>[^/]+)", HubHandler.model_info),
-        (rf"/api/models/{REPO}/tree/(?P<revision>[^/]+)(?P<prefix>/.*)?", HubHandler.tree),
-        (rf"/{REPO}/resolve/(?P<revision>[^/]+)/(?P<path>.+)", HubHandler.resolve),
+        (rf"/api/{KIND}/{REPO}", HubHandler.model_info),
+        (rf"/api/{KIND}/{REPO}/revision/(?P<revision>[^/]+)", HubHandler.model_info),
+        (rf"/api/{KIND}/{REPO}/tree/(?P<revision>[^/]+)(?P<prefix>/.*)?", HubHandler.tree),
+        (rf"/(?P<kind>datasets/)?{REPO}/resolve/(?P<revision>[^/]+)/(?P<path>.+)", HubHandler.resolve),
     ],
-    "HEAD": [(rf"/{REPO}/resolve/(?P<revision>[^/]+)/(?P<path>.+)", HubHandler.resolve)],
+    "HEAD": [(rf"/(?P<kind>datasets/)?{REPO}/resolve/(?P<revision>[^/]+)/(?P<path>.+)", HubHandler.resolve)],
     "POST": [
         (r"/_test/fail", HubHandler.inject_failure),
         (r"/api/repos/create", HubHandler.create_repo),
         (r"/api/validate-yaml", HubHandler.validate_yaml),
-        (rf"/api/models/{REPO}/branch/(?P<branch>[^/]+)", HubHandler.create_branch),
-        (rf"/api/models/{REPO}/preupload/(?P<revision>[^/]+)", HubHandler.preupload),
-        (rf"/api/models/{REPO}/commit/(?P<revision>[^/]+)", HubHandler.commit),
-        (rf"/{REPO}\.git/info/lfs/objects/batch", HubHandler.lfs_batch),
+        (rf"/api/{KIND}/{REPO}/branch/(?P<branch>[^/]+)", HubHandler.create_branch),
+        (rf"/api/{KIND}/{REPO}/preupload/(?P<revision>[^/]+)", HubHandler.preupload),
+        (rf"/api/{KIND}/{REPO}/commit/(?P<revision>[^/]+)", HubHandler.commit),
+        (rf"/api/{KIND}/{REPO}/paths-info/(?P<revision>[^/]+)", HubHandler.paths_info),
+        (rf"/(?P<kind>datasets/)?{REPO}\.git/info/lfs/objects/batch", HubHandler.lfs_batch),
     ],
     "PUT": [(r"/lfs-upload/(?P<oid>[0-9a-f]{64})", HubHandler.lfs_upload)],
 }
@@ -346,6 +389,21 @@ class HubServer(ThreadingHTTPServer):
     def __init__(self, port: int, token: str) -> None:
         super().__init__(("127.0.0.1", port), HubHandler)
         self.state = HubState(token)
+
+
+@contextmanager
+def serve(token: str) -> Iterator[str]:
+    """Run this server in a subprocess on a free loopback port; yield its endpoint, stop it afterwards."""
+    env = {**os.environ, "HUB_SERVER_TOKEN": token}
+    server = subprocess.Popen([sys.executable, __file__], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        line = server.stdout.readline()
+        if not line.startswith("PORT "):
+            raise RuntimeError(f"hub server did not start: {line!r}")
+        yield f"http://127.0.0.1:{int(line.split()[1])}"
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
 
 
 def main() -> None:

@@ -286,3 +286,23 @@ def test_a_missing_reader_extra_names_the_format_and_the_install(tmp_path, monke
     message = str(caught.value)
     assert message.startswith(f"{kind}: ") and f"needs {module}" in message, message
     assert "pip install 'ctpa-vq[clinical]'" in message, message
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_uncompressed_slices_read_as_pydicom_reads_them(tmp_path, signed):
+    """The fast path for native 16-bit slices gives pydicom's ``pixel_array``, also with BitsStored 12 and
+    junk in the unused high bits (cleared when unsigned, sign-extended when signed, as pydicom does)."""
+    from ctpa_vq.data.dicom import _native_pixels
+
+    files = write_series(tmp_path / "s", SLICES[:3])
+    rng = np.random.default_rng(0)
+    for path in files:
+        ds = pydicom.dcmread(path)
+        ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 12, 11, int(signed)
+        raw = rng.integers(0, 65536, size=(ds.Rows, ds.Columns), dtype=np.uint16)
+        ds.PixelData = raw.tobytes()
+        ds.save_as(path, enforce_file_format=True)
+        ds = pydicom.dcmread(path)
+        fast = _native_pixels(ds, ds.file_meta.TransferSyntaxUID)
+        assert fast is not None and fast.dtype == ds.pixel_array.dtype
+        np.testing.assert_array_equal(fast, ds.pixel_array)

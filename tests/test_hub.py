@@ -26,7 +26,8 @@ from ctpa_vq import VQGAN3D
 from ctpa_vq.hub import HubPushError, push_to_hub
 from ctpa_vq.pipelines import CTPAReconstructionPipeline
 
-SERVER = Path(__file__).with_name("hub_server.py")
+from hub_server import serve
+
 TOKEN = "hf_" + secrets.token_hex(16)
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,15 +35,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def hub():
     """A loopback Hub; yields its endpoint and stops it afterwards."""
-    env = {**os.environ, "HUB_SERVER_TOKEN": TOKEN}
-    server = subprocess.Popen([sys.executable, str(SERVER)], stdout=subprocess.PIPE, text=True, env=env)
-    try:
-        line = server.stdout.readline()
-        assert line.startswith("PORT "), f"hub server did not start: {line!r}"
-        yield f"http://127.0.0.1:{int(line.split()[1])}"
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
+    with serve(TOKEN) as endpoint:
+        yield endpoint
 
 
 @pytest.fixture(autouse=True)

@@ -40,6 +40,16 @@ def _keyed_hash(key_file, text):
     return "p" + hmac.new(secret, text.encode(), hashlib.sha256).hexdigest()[:16]
 
 
+def _hash_split(patients, val_fraction, seed=0):
+    """The documented split, computed here: validation when SHA-256("ctpa-vq split", seed, patient),
+    read as a number in [0, 1), is below the fraction (before the small-collection fallback)."""
+    def unit(patient):
+        digest = hashlib.sha256(f"ctpa-vq split\0{seed}\0{patient}".encode()).digest()
+        return int.from_bytes(digest[:8], "big") / 2**64
+    val = sorted(p for p in patients if unit(p) < val_fraction)
+    return sorted(set(patients) - set(val)), val
+
+
 def test_prepare_writes_a_dataset_load_from_disk_opens(tmp_path, monkeypatch):
     key_file = tmp_path / "keys" / "my.key"
     monkeypatch.setenv("CTPA_VQ_KEY_FILE", str(key_file))
@@ -50,14 +60,16 @@ def test_prepare_writes_a_dataset_load_from_disk_opens(tmp_path, monkeypatch):
     assert key_file.is_file() and (key_file.stat().st_mode & 0o777) == 0o600  # created on first use, private
     dataset = datasets.load_from_disk(str(tmp_path / "out"))
     assert set(dataset) == {"train", "validation"}
-    assert (len(dataset["train"]), len(dataset["validation"])) == (4, 1)
+    train, val = _hash_split([p.name.removesuffix(".nii.gz") for p in paths], 0.2)
+    assert len(val) == 2  # this seed's draw: a fraction of 0.4 where 0.2 was asked, as a hash split of 5 gives
+    assert (len(dataset["train"]), len(dataset["validation"])) == (len(train), len(val))
     assert len(report.used_files) == 5 and not report.skipped
     row = dataset["validation"][0]
     by_pseudonym = {_keyed_hash(key_file, p.name.removesuffix(".nii.gz")): p for p in paths}
     source = by_pseudonym[row["patient_id"]]
     volume = load_ct(source)
     assert row["source"] == _keyed_hash(key_file, source.name)
-    assert report.val_patients == [row["patient_id"]]
+    assert report.val_patients == sorted(_keyed_hash(key_file, p) for p in val)
     assert tuple(row["shape"]) == tuple(row["source_shape"]) == volume.shape
     np.testing.assert_allclose(row["source_spacing"], volume.spacing)
     np.testing.assert_array_equal(np.frombuffer(row["hu"], np.int16).reshape(row["shape"]), volume.hu)
@@ -81,17 +93,26 @@ def test_split_is_by_patient_and_deterministic(tmp_path):
     val_ids = set(dataset["validation"]["patient_id"])
     assert not train_ids & val_ids
     assert train_ids | val_ids == {f"patient{i}" for i in range(6)}
-    assert len(val_ids) == 2 and len(dataset["validation"]) == 4
+    assert (sorted(train_ids), sorted(val_ids)) == _hash_split([f"patient{i}" for i in range(6)], 0.34, seed=7)
+    assert 0 < len(val_ids) < 6 and len(dataset["validation"]) == 2 * len(val_ids)
     assert (sorted(train_ids), sorted(val_ids)) == (report.train_patients, report.val_patients)
     assert split_patients([f"patient{i}" for i in range(6)], 0.34, seed=7) == (sorted(train_ids), sorted(val_ids))
 
 
 def test_split_patients_edge_cases():
     assert split_patients(["a"], 0.2) == (["a"], [])
-    assert split_patients(["a", "b"], 0.01) in ((["a"], ["b"]), (["b"], ["a"]))
+    assert split_patients(["a"], 0.99) == (["a"], [])  # one patient stays in train
+    assert split_patients(["a", "b"], 0.01) in ((["a"], ["b"]), (["b"], ["a"]))  # at least one validates
     assert split_patients(list("abcdef"), 0.0) == (list("abcdef"), [])
     train, val = split_patients(list("abcdefgh"), 0.5, max_patients=4, seed=1)
-    assert len(train) == 2 and len(val) == 2
+    assert len(train) + len(val) == 4 and train and val
+
+    # Each patient's split is its own: a patient keeps it whoever else is listed (so parts agree).
+    many = [f"patient{i:04d}" for i in range(2000)]
+    train, val = split_patients(many, 0.2, seed=3)
+    assert (train, val) == _hash_split(many, 0.2, seed=3)
+    assert 0.17 < len(val) / len(many) < 0.23
+    assert split_patients(many[:1000], 0.2, seed=3)[1] == [p for p in val if p in many[:1000]]
     with pytest.raises(ValueError, match="val_fraction"):
         split_patients(["a"], 1.0)
 
@@ -188,6 +209,17 @@ def test_a_damaged_key_file_is_refused_by_name(tmp_path):
     (tmp_path / "bad.key").write_text("not hex\n")
     with pytest.raises(ValueError, match="bad.key: not a pseudonymisation key"):
         PseudonymKey.load(tmp_path / "bad.key")
+
+
+def test_a_key_file_that_is_not_text_is_refused_by_name(tmp_path, capsys):
+    (tmp_path / "binary.key").write_bytes(b"\x89\x00\xcc\xfe" * 8)  # e.g. a key saved as raw bytes
+    with pytest.raises(ValueError, match="binary.key: not a pseudonymisation key \\(not text"):
+        PseudonymKey.load(tmp_path / "binary.key")
+    write_phantom_dir(tmp_path / "in", 1, SHAPE)
+    assert main(["prepare", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
+                 "--key-file", str(tmp_path / "binary.key"), "--no-progress"]) == 2
+    error = capsys.readouterr().err
+    assert "binary.key: not a pseudonymisation key" in error and "codec" not in error
 
 
 def test_resampling_to_a_target_spacing_keeps_world_positions(tmp_path):

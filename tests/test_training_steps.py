@@ -33,7 +33,7 @@ def prepared(tmp_path_factory) -> Path:
     """Five small phantoms, prepared once for the module (4 train, 1 validation)."""
     root = tmp_path_factory.mktemp("phantoms")
     write_phantom_dir(root / "raw", 5, (24, 48, 48), seed=0)
-    prepare_dataset(root / "raw", root / "prepared", 0.2, None, seed=0)
+    prepare_dataset(root / "raw", root / "prepared", 0.1, None, seed=0)  # the hash split: 4 train, 1 validation
     return root / "prepared"
 
 

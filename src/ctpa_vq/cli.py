@@ -19,16 +19,29 @@ def _add_prepare(subparsers) -> None:
         "(datasets.load_from_disk)",
         description="Scans --input recursively for .nii/.nii.gz, .nrrd/.nhdr, .mha/.mhd files and DICOM series "
         "folders, reorients to canonical RAS, keeps int16 HU, spacing, affine and a pseudonymised patient id, "
-        "splits by patient. Unreadable volumes are skipped and listed.",
+        "splits by patient (a hash of its id). Unreadable volumes are skipped and listed; prepare_report.json "
+        "counts them. Written in shards as it goes: re-run the same command to resume. Under `accelerate launch` "
+        "each process prepares its share.",
     )
-    prepare.add_argument("--input", required=True, help="directory of volumes and/or DICOM series folders (read only)")
-    prepare.add_argument("--output", required=True, help="dataset directory to create")
+    prepare.add_argument("--input", default=None,
+                         help="directory of volumes and/or DICOM series folders (read only), or "
+                         "hf://datasets/ORG/NAME[/PATH] (fetched one patient at a time; token: HF_TOKEN or hf auth login)")
+    prepare.add_argument("--output", required=True, help="dataset directory to create (re-run to resume)")
     prepare.add_argument("--val-fraction", type=float, default=0.2, help="fraction of patients for validation")
     prepare.add_argument("--max-patients", type=int, default=None, help="use at most N patients")
     prepare.add_argument("--seed", type=int, default=0, help="seed of the train/validation split")
     prepare.add_argument("--spacing", type=float, nargs=3, metavar=("D", "H", "W"), default=None,
                          help="resample every volume to this spacing in mm (default: keep each volume's grid)")
     prepare.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    prepare.add_argument("--num-proc", type=int, default=1, help="worker processes (each holds about one volume)")
+    prepare.add_argument("--shard", type=_shard, default=None, metavar="I/N",
+                         help="prepare only part I (0-based) of N, e.g. one per machine; then --combine the parts")
+    prepare.add_argument("--patients-per-shard", type=int, default=8, help="patients per shard, the unit of resuming")
+    prepare.add_argument("--combine", nargs="+", default=None, metavar="PART",
+                         help="join the outputs of --shard runs into --output (instead of reading --input)")
+    prepare.add_argument("--all-series", action="store_true",
+                         help="keep every DICOM series of a study (default: the axial series with the most slices, "
+                         "then the thinnest; the others are listed as skipped)")
     prepare.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_privacy_options(prepare)
     prepare.set_defaults(handler=_run_prepare)
@@ -55,17 +68,36 @@ def _pseudonymise(args: argparse.Namespace):
     return lambda identifier: key().pseudonym(identifier)
 
 
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        part, parts = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text}: expected I/N, e.g. 0/4") from None
+    if not 0 <= part < parts:
+        raise argparse.ArgumentTypeError(f"{text}: expected 0 <= I < N")
+    return part, parts
+
+
 def _run_prepare(args: argparse.Namespace) -> int:
-    from .data.prepare import prepare_dataset
+    from .data.prepare import combine_parts, prepare_dataset, process_rank
     from .privacy import PseudonymKey
 
+    if args.combine:
+        if args.input:
+            raise ValueError("--combine joins prepared parts: give it no --input")
+        print(combine_parts(args.combine, args.output).summary())
+        return 0
+    if not args.input:
+        raise ValueError("--input is required (or --combine PART... to join prepared parts)")
     key = None if args.keep_identifiers else PseudonymKey.load(args.key_file)
     report = prepare_dataset(
         args.input, args.output, val_fraction=args.val_fraction, max_patients=args.max_patients, seed=args.seed,
         overwrite=args.overwrite, progress=not args.no_progress, target_spacing=args.spacing,
-        keep_identifiers=args.keep_identifiers, key=key,
+        keep_identifiers=args.keep_identifiers, key=key, num_proc=args.num_proc, shard=args.shard,
+        patients_per_shard=args.patients_per_shard, all_series=args.all_series,
     )
-    print(report.summary())
+    if process_rank()[0] == 0:
+        print(report.summary())
     return 0
 
 

@@ -54,7 +54,11 @@ class PseudonymKey:
             if not create:
                 raise FileNotFoundError(f"{path}: no pseudonymisation key")
             return cls._create(path)
-        text = path.read_text().strip()
+        try:
+            text = path.read_text(encoding="ascii").strip()
+        except UnicodeDecodeError:
+            raise ValueError(f"{path}: not a pseudonymisation key (not text: expected at least 32 hex digits on "
+                             "one line)") from None
         try:
             secret = bytes.fromhex(text)
         except ValueError:

@@ -21,7 +21,7 @@ descriptions) is copied anywhere. The SeriesInstanceUID only groups files; it is
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import nibabel as nib
@@ -31,10 +31,14 @@ from .nifti import LPS_TO_RAS, CTFileError, CTVolume, ct_from_image
 
 SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"  # DICOMDIR
-_HEADER_TAGS = ["SeriesInstanceUID", "SeriesNumber", "Modality", "ImageType", "SOPClassUID"]
+_HEADER_TAGS = ["SeriesInstanceUID", "SeriesNumber", "Modality", "ImageType", "SOPClassUID", "StudyInstanceUID",
+                "ImageOrientationPatient", "SliceThickness"]
 _ORIENTATION_TOLERANCE = 1e-4  # direction cosines
 _SPACING_TOLERANCE = 0.01  # relative deviation of a slice step from the median step
 _GAP_FACTOR = 1.5  # a step this many times the median step means slices are missing
+_STORED_INT16 = np.iinfo(np.int16)
+_GEOMETRY_TAGS = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing")
+_NATIVE_LITTLE_ENDIAN = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")  # implicit, explicit VR little endian
 _SHEAR_TOLERANCE = 1e-3  # in-plane drift per mm along the normal (tan of ~0.06 degrees)
 
 
@@ -51,12 +55,20 @@ class DicomSeries:
         files: the series' files (unordered; :func:`load_dicom_series` orders them).
         skip_reason: why this series is not a CT volume to read (localizer, ...), or None.
         error: why it cannot be read although it should be (an unreadable file), or None.
+        study: the StudyInstanceUID (only to group a study's series; never stored), or "".
+        normal: the slice normal (row x column direction cosines, LPS) of its first file, or None.
+        slice_thickness: SliceThickness of its first file in mm, or None.
+        slices: the files already read whole (pydicom datasets, aligned with ``files``), or None.
     """
 
     name: str
     files: list[Path]
     skip_reason: str | None = None
     error: str | None = None
+    study: str = ""
+    normal: tuple[float, float, float] | None = None
+    slice_thickness: float | None = None
+    slices: list | None = field(default=None, repr=False)
 
 
 def _pydicom():
@@ -76,11 +88,15 @@ def is_dicom_file(path: str | os.PathLike) -> bool:
         return False
 
 
-def find_series(folder: str | os.PathLike, files: list[Path] | None = None) -> list[DicomSeries]:
+def find_series(folder: str | os.PathLike, files: list[Path] | None = None, read_whole: bool = False
+                ) -> list[DicomSeries]:
     """The series among ``files`` (default: the DICOM files directly in ``folder``), sorted by SeriesNumber.
 
     A file whose header cannot be read becomes a one-file series with that problem as its
     ``error``, so the rest of the folder is still read. A DICOMDIR (a CD's index) is ignored.
+    ``read_whole``: read each file whole, once, and keep it in the series (``slices``) for
+    :func:`load_dicom_series`, instead of its header now and the whole file again when loaded
+    (memory: the folder's files until they are loaded).
     """
     pydicom = _pydicom()
     folder = Path(folder)
@@ -88,16 +104,20 @@ def find_series(folder: str | os.PathLike, files: list[Path] | None = None) -> l
         files = sorted(p for p in folder.iterdir() if p.is_file() and is_dicom_file(p))
     groups: dict[str, list[Path]] = {}
     headers = {}
+    whole = {}
     broken = []
     for path in files:
         try:
-            header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+            if read_whole:
+                header = whole[path] = pydicom.dcmread(path)
+            else:
+                header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
         except Exception as err:  # pydicom raises many types for damaged files
             broken.append(DicomSeries(str(path), [path], error=f"not a readable DICOM file ({err})"))
             continue
         if header.file_meta.get("MediaStorageSOPClassUID") == MEDIA_STORAGE_DIRECTORY:
             continue  # a DICOMDIR: the index of a CD, not an image
-        uid = str(header.get("SeriesInstanceUID", ""))
+        uid = _text(header, "SeriesInstanceUID")
         if not uid:
             broken.append(DicomSeries(str(path), [path], error="lacks SeriesInstanceUID: a damaged or incomplete "
                                                                "DICOM file"))
@@ -113,8 +133,28 @@ def find_series(folder: str | os.PathLike, files: list[Path] | None = None) -> l
     series = []
     for k, uid in enumerate(uids, start=1):
         name = str(folder) if len(uids) == 1 else f"{folder}#{k}"
-        series.append(DicomSeries(name, sorted(groups[uid]), _skip_reason(headers[uid])))
+        header = headers[uid]
+        files = sorted(groups[uid])
+        series.append(DicomSeries(name, files, _skip_reason(header),
+                                  study=str(header.get("StudyInstanceUID", "")), normal=_normal(header),
+                                  slice_thickness=_float_or_none(header.get("SliceThickness")),
+                                  slices=[whole[path] for path in files] if read_whole else None))
     return series + broken
+
+
+def _normal(header) -> tuple[float, float, float] | None:
+    try:
+        cosines = np.array([float(v) for v in header.get("ImageOrientationPatient")], dtype=float)
+        return tuple(float(v) for v in np.cross(cosines[:3], cosines[3:]))
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+def _float_or_none(value) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def _skip_reason(header) -> str | None:
@@ -149,13 +189,15 @@ def load_dicom_series(series: DicomSeries) -> CTVolume:
         only = f" ({series.files[0].name})" if series.files else ""
         raise CTFileError(name, f"a single 2D slice{only}, expected a series of slices forming a 3D volume")
 
-    headers = []
-    for path in series.files:
-        try:
-            headers.append(pydicom.dcmread(path, stop_before_pixels=True))
-        except Exception as err:
-            raise CTFileError(path, f"not a readable DICOM file ({err})") from err
-    geometry = [_slice_geometry(path, header) for path, header in zip(series.files, headers)]
+    slices, series.slices = series.slices, None  # read whole by find_series, or now: each file once
+    if slices is None:
+        slices = []
+        for path in series.files:
+            try:
+                slices.append(pydicom.dcmread(path))
+            except Exception as err:
+                raise CTFileError(path, f"not a readable DICOM file ({err})") from err
+    geometry = [_slice_geometry(path, header) for path, header in zip(series.files, slices)]
     order = _check_grid(name, series.files, geometry)
 
     first, last = geometry[order[0]], geometry[order[-1]]
@@ -170,16 +212,25 @@ def load_dicom_series(series: DicomSeries) -> CTVolume:
 
     rows, columns = first.size
     integral = all(float(g.slope).is_integer() and float(g.intercept).is_integer() for g in geometry)
-    # Fortran order: each slice (i, j) is one contiguous block, filled in one copy.
-    data = np.empty((columns, rows, len(order)), dtype=np.int32 if integral else np.float32, order="F")
+    # Fortran order: each slice (i, j) is one contiguous block, filled in one copy. Integral HU go
+    # straight into int16 (what is stored) while they fit, into int32 from the first slice that does not.
+    data = np.empty((columns, rows, len(order)), dtype=np.int16 if integral else np.float32, order="F")
     for k, index in enumerate(order):
         path, g = series.files[index], geometry[index]
-        pixels = _pixels(pydicom, path)
+        pixels = _pixels(pydicom, path, slices[index])
+        slices[index] = None  # its encoded pixel data is no longer needed
         if pixels.shape != (rows, columns):
             raise CTFileError(path, f"pixel data has shape {pixels.shape}, expected (Rows, Columns) = "
                                     f"{(rows, columns)}")
         if integral:
-            data[:, :, k] = (pixels.astype(np.int32) * int(g.slope) + int(g.intercept)).T
+            hu = pixels.astype(np.int32)
+            if g.slope != 1:
+                hu *= int(g.slope)
+            if g.intercept:
+                hu += int(g.intercept)
+            if data.dtype == np.int16 and (hu.min() < _STORED_INT16.min or hu.max() > _STORED_INT16.max):
+                data = data.astype(np.int32, order="F")
+            data[:, :, k] = hu.T
         else:
             data[:, :, k] = (pixels.astype(np.float64) * g.slope + g.intercept).T
     image = nib.Nifti1Image(data, affine)
@@ -199,29 +250,57 @@ class _SliceGeometry:
 
 
 def _slice_geometry(path: Path, header) -> _SliceGeometry:
-    frames = int(header.get("NumberOfFrames", 1) or 1)
+    frames = int(_text(header, "NumberOfFrames") or 1)
     if frames > 1:
         raise CTFileError(path, f"a multi-frame file ({frames} frames); only single-frame slice series are read")
-    missing = [tag for tag in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns")
-               if header.get(tag) is None]
+    position, orientation, pixel_spacing = (_numbers(header, tag) for tag in _GEOMETRY_TAGS)
+    rows, columns = header.get("Rows"), header.get("Columns")
+    missing = [tag for tag, value in zip((*_GEOMETRY_TAGS, "Rows", "Columns"),
+                                         (position, orientation, pixel_spacing, rows, columns)) if value is None]
     if missing:
         raise CTFileError(path, f"lacks {', '.join(missing)}: the slice's geometry is unknown")
     samples = int(header.get("SamplesPerPixel", 1))
-    photometric = str(header.get("PhotometricInterpretation", "MONOCHROME2"))
+    photometric = _text(header, "PhotometricInterpretation") or "MONOCHROME2"
     if samples != 1 or photometric != "MONOCHROME2":
         raise CTFileError(path, f"{photometric} with {samples} sample(s) per pixel; CT slices are MONOCHROME2")
-    tilt = float(header.get("GantryDetectorTilt", 0) or 0)
+    tilt = float(_text(header, "GantryDetectorTilt") or 0)
     if abs(tilt) > 1e-3:
         raise CTFileError(path, f"gantry tilt of {tilt:g} degrees: the slices do not form a rectangular grid "
                                 "(resample the series to an untilted grid first)")
     return _SliceGeometry(
-        position=np.array([float(v) for v in header.ImagePositionPatient]),
-        orientation=np.array([float(v) for v in header.ImageOrientationPatient]),
-        pixel_spacing=(float(header.PixelSpacing[0]), float(header.PixelSpacing[1])),
-        size=(int(header.Rows), int(header.Columns)),
-        slope=float(header.get("RescaleSlope", 1) or 1),
-        intercept=float(header.get("RescaleIntercept", 0) or 0),
+        position=np.array(position),
+        orientation=np.array(orientation),
+        pixel_spacing=(pixel_spacing[0], pixel_spacing[1]),
+        size=(int(rows), int(columns)),
+        slope=float(_text(header, "RescaleSlope") or 1),
+        intercept=float(_text(header, "RescaleIntercept") or 0),
     )
+
+
+def _text(header, keyword: str) -> str | None:
+    """A text-valued tag (DS, IS, CS, UI) as its stripped text, or None when absent or empty.
+
+    Read from the raw element when pydicom has not converted it yet: pydicom's conversion of
+    decimal strings costs more per slice than decoding the pixels (it was most of `prepare`'s
+    overhead over a plain pydicom read).
+    """
+    element = header.get_item(keyword)
+    if element is None:
+        return None
+    value = element.value
+    if isinstance(value, bytes):
+        text = value.decode("ascii", errors="replace").strip(" \0")
+    elif isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        text = "\\".join(str(v) for v in value)
+    else:
+        text = "" if value is None else str(value).strip()
+    return text or None
+
+
+def _numbers(header, keyword: str) -> list[float] | None:
+    """A decimal-string tag (DS, possibly multi-valued) as floats, or None when absent or empty."""
+    text = _text(header, keyword)
+    return [float(v) for v in text.split("\\")] if text else None
 
 
 def _check_grid(name: str, files: list[Path], geometry: list[_SliceGeometry]) -> list[int]:
@@ -260,15 +339,40 @@ def _check_grid(name: str, files: list[Path], geometry: list[_SliceGeometry]) ->
     return order
 
 
-def _pixels(pydicom, path: Path) -> np.ndarray:
-    """The stored values of one slice; a clear error when its transfer syntax cannot be decoded."""
+def _native_pixels(dataset, syntax) -> np.ndarray | None:
+    """The slice's 16-bit little-endian uncompressed pixels straight from the buffer, or None for anything
+    else (left to pydicom's ``pixel_array``).
+
+    What pydicom does for this case, without its generic decoder set-up (which costs more than the
+    rest of reading the slice): the bytes as (u)int16 (PixelRepresentation), the bits above
+    BitsStored cleared (unsigned) or sign-extended (signed), as ``pixel_array`` does.
+    """
+    if syntax not in _NATIVE_LITTLE_ENDIAN:
+        return None
+    element = dataset.get_item("PixelData")
+    rows, columns = dataset.get("Rows"), dataset.get("Columns")
+    if element is None or rows is None or columns is None or dataset.get("BitsAllocated") != 16:
+        return None
+    data = element.value
+    if not isinstance(data, bytes) or len(data) < 2 * rows * columns:
+        return None
+    signed = dataset.get("PixelRepresentation", 0) == 1
+    pixels = np.frombuffer(data, dtype="<i2" if signed else "<u2", count=rows * columns).reshape(rows, columns)
+    unused = 16 - int(dataset.get("BitsStored", 16) or 16)
+    if unused > 0:
+        pixels = (pixels << unused) >> unused
+    return pixels
+
+
+def _pixels(pydicom, path: Path, dataset) -> np.ndarray:
+    """The stored values of one slice (``dataset``, read from ``path``); a clear error when its transfer
+    syntax cannot be decoded."""
     import pydicom.pixels
 
-    try:
-        dataset = pydicom.dcmread(path)
-    except Exception as err:
-        raise CTFileError(path, f"not a readable DICOM file ({err})") from err
     syntax = dataset.file_meta.get("TransferSyntaxUID")
+    native = _native_pixels(dataset, syntax)
+    if native is not None:
+        return native
     try:
         return dataset.pixel_array
     except Exception as err:

@@ -173,8 +173,8 @@ def _read_hu(img: nib.Nifti1Image, name: str) -> np.ndarray:
         raise CTFileError(name, f"voxel data cannot be read: file truncated or corrupt ({err})") from err
 
     if raw.dtype.kind in "iub" and float(slope).is_integer() and float(inter).is_integer():
-        if raw.dtype == np.int16 and (slope, inter) == (1.0, 0.0):
-            return raw
+        if (slope, inter) == (1.0, 0.0):
+            return _as_storage_dtype(raw)
         return _as_storage_dtype(raw.astype(np.int64) * int(slope) + int(inter))
     if raw.dtype.kind not in "iubf":
         raise CTFileError(name, f"unsupported voxel type {raw.dtype}")

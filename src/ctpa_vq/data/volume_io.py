@@ -17,7 +17,7 @@ from typing import Callable
 
 import numpy as np
 
-from .dicom import find_series, is_dicom_file, load_dicom_series
+from .dicom import DicomSeries, find_series, is_dicom_file, load_dicom_series
 from .itk_image import ITK_SUFFIXES, load_itk, save_itk_like
 from .nifti import CTFileError, CTVolume, load_ct, save_ct_like
 
@@ -29,11 +29,13 @@ INPUT_KINDS = ".nii/.nii.gz, .nrrd/.nhdr, .mha/.mhd files or DICOM series folder
 @dataclass
 class VolumeSource:
     """One volume found under a folder: its name (file, series folder, or ``folder#k``), its
-    path, and how to read it. ``load`` raises :class:`CTFileError` naming it and the problem."""
+    path, and how to read it. ``load`` raises :class:`CTFileError` naming it and the problem.
+    ``series``: the DICOM series it reads (None for a file)."""
 
     name: str
     path: Path
     load: Callable[[], CTVolume]
+    series: DicomSeries | None = None
 
 
 def load_volume(path: str | os.PathLike) -> CTVolume:
@@ -75,13 +77,14 @@ def _load_series_folder(folder: Path) -> CTVolume:
                               f"(`prepare` takes each as its own volume):\n{listing}")
 
 
-def find_volumes(folder: str | os.PathLike) -> list[VolumeSource]:
+def find_volumes(folder: str | os.PathLike, read_dicom_whole: bool = False) -> list[VolumeSource]:
     """Every volume under ``folder`` (recursive, sorted by name).
 
     Each NIfTI/NRRD/MetaImage file is a volume; the DICOM files directly in one folder form one
     volume per series. A series that is no CT volume (localizer, ...) is listed too: its ``load``
     raises :class:`~ctpa_vq.data.dicom.SkippedSeries` with the reason. Other files (notes, the
-    ``.raw`` data of ``.mhd`` headers) are ignored.
+    ``.raw`` data of ``.mhd`` headers) are ignored. ``read_dicom_whole``: see
+    :func:`~ctpa_vq.data.dicom.find_series` (each DICOM file read once, kept until loaded).
     """
     sources = []
     for directory, _, names in os.walk(folder):
@@ -94,8 +97,8 @@ def find_volumes(folder: str | os.PathLike) -> list[VolumeSource]:
             elif is_dicom_file(path):
                 dicom_files.append(path)
         if dicom_files:
-            sources += [VolumeSource(series.name, directory, partial(load_dicom_series, series))
-                        for series in find_series(directory, dicom_files)]
+            sources += [VolumeSource(series.name, directory, partial(load_dicom_series, series), series)
+                        for series in find_series(directory, dicom_files, read_whole=read_dicom_whole)]
     return sorted(sources, key=lambda s: s.name)
 
 

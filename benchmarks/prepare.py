@@ -1,0 +1,150 @@
+"""``ctpa-vq prepare`` throughput: ours vs just reading the same files with the same reader, 2 processes vs 1.
+
+Writes ``--dicom`` synthetic DICOM CT series (``--slices`` slices of ``--size`` x ``--size``, uint16 with
+a rescale, one slice per file, pydicom) and ``--nifti`` ``.nii.gz`` volumes of the same shape (nibabel),
+from a few phantoms, into ``--work`` (kept for re-runs). Then, in one run, alternating ``--repeats``
+times so every reader sees the same load on a shared machine:
+
+* ``read``: the reader alone, doing nothing else: ``np.asanyarray(nib.load(f).dataobj)`` per NIfTI
+  file, ``pydicom.dcmread(f).pixel_array`` per DICOM slice;
+* ``prepare``: ``prepare_dataset`` with ``num_proc=1`` (in this process, start-up excluded), the
+  whole command's work: read, order and check the slices, reorient, convert, write the shards and
+  the manifests, flushed to disk (fsync), and the index;
+* ``prepare x2``: the same with ``num_proc=2`` (worker processes).
+
+Per-volume times are CPU seconds (this process's, plus its children's for ``x2``) where the ratio is
+per process, and wall seconds for the 2-vs-1 ratio; the median over the repeats is reported. The
+projections for a 32-core node scale the measured per-core time per voxel to the collection's volume
+size (RSPECT: 7,279 studies of about 250 x 512 x 512; CT-RATE: 50,188 volumes, assumed 300 x 512 x 512)
+and assume 32 processes scale as 2 did; reading from the Hub or a network file system adds its own bound.
+Peak memory per worker is the largest ``ru_maxrss`` of the worker processes.
+
+    nice -n 10 python benchmarks/prepare.py                                    # 200 + 200 volumes
+    python benchmarks/prepare.py --dicom 8 --nifti 8 --slices 32 --repeats 1   # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))  # the DICOM writer the tests use
+
+from dicom_series import write_series  # noqa: E402
+
+from ctpa_vq.data.phantom import make_phantom  # noqa: E402
+from ctpa_vq.data.prepare import prepare_dataset  # noqa: E402
+from ctpa_vq.privacy import PseudonymKey  # noqa: E402
+
+COLLECTIONS = {"RSPECT (DICOM)": ("dicom", 7279, 250 * 512 * 512), "CT-RATE (NIfTI)": ("nifti", 50188, 300 * 512 * 512)}
+
+
+def make_inputs(work: Path, dicom: int, nifti: int, slices: int, size: int) -> tuple[Path, Path]:
+    """The DICOM and NIfTI folders (written once; a marker file records their sizes)."""
+    marker = work / "inputs.json"
+    wanted = {"dicom": dicom, "nifti": nifti, "slices": slices, "size": size}
+    if marker.is_file() and json.loads(marker.read_text()) == wanted:
+        return work / "dicom", work / "nifti"
+    shutil.rmtree(work, ignore_errors=True)
+    phantoms = [make_phantom((slices, size, size), seed=s) for s in range(4)]
+    for k in range(dicom):
+        write_series(work / "dicom" / f"study{k:04d}", phantoms[k % 4], pixel_spacing=(0.7, 0.7), shuffle=False)
+    (work / "nifti").mkdir(parents=True)
+    for k in range(nifti):
+        image = nib.Nifti1Image(phantoms[k % 4].transpose(2, 1, 0), np.diag([0.7, 0.7, 1.5, 1.0]))
+        nib.save(image, work / "nifti" / f"volume{k:04d}.nii.gz")
+    marker.write_text(json.dumps(wanted))
+    return work / "dicom", work / "nifti"
+
+
+def read_only(folder: Path, kind: str) -> None:
+    """Every volume with the reader alone."""
+    for entry in sorted(folder.iterdir()):
+        if kind == "nifti":
+            np.asanyarray(nib.load(entry).dataobj)
+        else:
+            for path in sorted(entry.iterdir()):
+                pydicom.dcmread(path).pixel_array
+
+
+def _cpu(children: bool) -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed(run) -> tuple[float, float]:
+    """(wall, CPU of this process and its children) seconds of ``run()``."""
+    wall, cpu = time.perf_counter(), _cpu(False) + _cpu(True)
+    run()
+    return time.perf_counter() - wall, _cpu(False) + _cpu(True) - cpu
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dicom", type=int, default=200)
+    parser.add_argument("--nifti", type=int, default=200)
+    parser.add_argument("--slices", type=int, default=64)
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/ctpa_vq_bench_prepare"))
+    args = parser.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    imported_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the modules workers share (fork)
+
+    dicom_dir, nifti_dir = make_inputs(args.work, args.dicom, args.nifti, args.slices, args.size)
+    key = PseudonymKey.load(args.work / "bench.key")
+    counts = {"dicom": args.dicom, "nifti": args.nifti}
+    folders = {"dicom": dicom_dir, "nifti": nifti_dir}
+    times: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    for _ in range(args.repeats):
+        for kind, folder in folders.items():
+            read_only(folder, kind)  # warm the page cache: every reader reads from memory
+            runs = {
+                "read": lambda: read_only(folder, kind),
+                "prepare": lambda: prepare_dataset(folder, args.work / "out", val_fraction=0.2, progress=False,
+                                                   key=key),
+                "prepare x2": lambda: prepare_dataset(folder, args.work / "out", val_fraction=0.2, progress=False,
+                                                      key=key, num_proc=2),
+            }
+            for name, run in runs.items():
+                shutil.rmtree(args.work / "out", ignore_errors=True)  # freeing the last output's pages is not timed
+                times.setdefault((kind, name), []).append(timed(run))
+    peak_worker_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+
+    voxels = args.slices * args.size * args.size
+    print(f"{args.dicom} DICOM series and {args.nifti} NIfTI (.nii.gz) volumes of {args.slices} x {args.size} x "
+          f"{args.size}; median of {args.repeats}; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    print(f"{'input':6} {'run':11} {'wall ms/vol':>12} {'CPU ms/vol':>11}")
+    result = {}
+    for (kind, name), samples in times.items():
+        wall = statistics.median(w for w, _ in samples) / counts[kind] * 1e3
+        cpu = statistics.median(c for _, c in samples) / counts[kind] * 1e3
+        result[(kind, name)] = (wall, cpu)
+        print(f"{kind:6} {name:11} {wall:12.1f} {cpu:11.1f}")
+    for kind in folders:
+        read, ours, two = result[(kind, "read")], result[(kind, "prepare")], result[(kind, "prepare x2")]
+        print(f"{kind}: prepare per process {read[1] / ours[1]:.2f}x the reader's rate (CPU; wall "
+              f"{read[0] / ours[0]:.2f}x); 2 processes {ours[0] / two[0]:.2f}x one (wall)")
+    print(f"peak RSS of a worker process: {peak_worker_mb:.0f} MB, of which {imported_mb:.0f} MB are the imported "
+          f"modules (shared with the parent); one volume is {voxels * 2 / 1e6:.0f} MB as int16")
+    for collection, (kind, volumes, collection_voxels) in COLLECTIONS.items():
+        seconds_per_volume = result[(kind, "prepare")][1] / 1e3 * collection_voxels / voxels
+        hours = volumes * seconds_per_volume / 32 / 3600
+        print(f"{collection}: {seconds_per_volume:.2f} CPU s per volume -> {hours:.1f} h on a 32-core node "
+              f"(--num-proc 32)")
+
+
+if __name__ == "__main__":
+    main()
