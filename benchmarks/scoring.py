@@ -35,13 +35,15 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def scoring_split(pipeline: CTPAReconstructionPipeline, hu: np.ndarray, batch_size: int = 1) -> dict:
+def scoring_split(
+    pipeline: CTPAReconstructionPipeline, hu: np.ndarray, batch_size: int = 1, max_patch_voxels: int | None = None
+) -> dict:
     """Seconds of the pipeline on ``hu`` `(D, H, W)` (planned grid) and of scoring its output as
     `ctpa-vq reconstruct` does (region labels on the CPU, the metrics on the model's device)."""
     device = pipeline.vqgan.device
     synchronize(device)
     start = time.perf_counter()
-    reconstruction = pipeline(hu, batch_size=batch_size).reconstruction
+    reconstruction = pipeline(hu, batch_size=batch_size, max_patch_voxels=max_patch_voxels).reconstruction
     synchronize(device)
     model_seconds = time.perf_counter() - start
     start = time.perf_counter()
