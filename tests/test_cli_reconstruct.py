@@ -142,3 +142,16 @@ def test_default_grid_is_planned_and_printed(model_dir, tmp_path, capsys):
     expected = np.rint(pipeline(ct.hu, max_patch_voxels=10000).reconstruction).astype(np.int16)
     written = np.asanyarray(nib.load(tmp_path / "many.nii.gz").dataobj)
     np.testing.assert_array_equal(written, ct.to_source_orientation(expected))
+
+
+def test_no_metrics_skips_scoring_and_the_time_split_is_printed(model_dir, tmp_path, capsys):
+    source = _write(tmp_path / "in.nii.gz", _ct_data())
+    base = ["reconstruct", "--model", str(model_dir), "--input", str(source), *FAST]
+    assert main(base + ["--output", str(tmp_path / "scored.nii.gz")]) == 0
+    printed = capsys.readouterr().out
+    assert "PSNR" in printed and "time: reconstruction" in printed and "scoring" in printed
+    assert main(base + ["--output", str(tmp_path / "unscored.nii.gz"), "--no-metrics"]) == 0
+    printed = capsys.readouterr().out
+    assert "PSNR" not in printed and "SSIM" not in printed and "scoring skipped" in printed
+    np.testing.assert_array_equal(nib.load(tmp_path / "unscored.nii.gz").get_fdata(),
+                                  nib.load(tmp_path / "scored.nii.gz").get_fdata())

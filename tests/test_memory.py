@@ -10,7 +10,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ctpa_vq.models import VQGAN3D
 from ctpa_vq.training.config import load_config
-from ctpa_vq.training.memory import GIB, CudaAutocastRules, predict_step_memory, with_knob
+from ctpa_vq.training.memory import (
+    GIB, CudaAutocastRules, predict_step_memory, predict_validation_memory, validation_patch, with_knob,
+)
+from ctpa_vq.training.verify import verify_environment
 
 TINY = ["model.preset=tiny", "dataset.patch_size=[16,32,32]", "training.batch_size=1", "gan.start_step=0",
         "gan.image_gan_weight=1.0", "gan.volume_gan_weight=0.5", "gan.perceptual_weight=0.1", "gan.base_channels=8",
@@ -125,3 +128,42 @@ def test_ctpa_512_fp32_generator_step_matches_the_reference_figure():
     config = load_config(None, ["model.preset=ctpa-512", "dataset.patch_size=[128,256,256]", "training.batch_size=1"])
     predicted = predict_step_memory(config, "no", gan_stage=False)
     assert predicted.traced_peak / GIB == pytest.approx(104, abs=1.5)
+
+
+def test_validation_peak_holds_the_training_state_and_grows_with_val_batch_size(tiny):
+    """Validation's fp32 forward sits on top of the weights and Adam moments; its activations scale with
+    the batch: at least the decoder's output, (val_batch_size, 1, *patch) in fp32."""
+    shape = (40, 80, 96)
+    patch = validation_patch(tiny, shape)
+    assert patch == (40, 80, 96)  # the planned grid of a small volume: one patch, the whole volume
+    peaks = {b: predict_validation_memory(with_knob(tiny, training__val_batch_size=b), shape, gan_stage=False)
+             for b in (1, 2, 4)}
+    for batch, predicted in peaks.items():
+        assert predicted.traced_peak >= _static_bytes(tiny) + 4 * batch * 40 * 80 * 96
+        assert predicted.breakdown["Gradient"] == 0  # no backward, gradients freed after the step
+    above = {b: p.traced_peak - _static_bytes(tiny) for b, p in peaks.items()}
+    assert above[4] / above[2] == pytest.approx(2, rel=0.15) and above[2] / above[1] == pytest.approx(2, rel=0.15)
+
+
+def _gib(detail: str) -> float:
+    return float(detail.split(" GiB per process")[0].rsplit(" ", 1)[-1])
+
+
+def test_verify_prints_the_validation_peak_beside_the_training_peak(tiny):
+    figures = {}
+    for batch in (1, 4):
+        config = with_knob(tiny, training__val_batch_size=batch)
+        checks = {check.name: check for check in verify_environment(config, gpu_memory_gib=80)}
+        assert checks["GPU memory"].status == "PASS"
+        validation = checks["validation GPU memory"]
+        assert validation.status == "PASS" and f"val_batch_size {batch}" in validation.detail
+        assert "48x96x96 volume" in validation.detail  # the phantoms training validates on without a dataset
+        figures[batch] = _gib(validation.detail)
+    assert figures[4] > figures[1]
+    # A card the training step fits but validation at val_batch_size 4 does not: verify fails on validation.
+    config = with_knob(tiny, training__val_batch_size=4)
+    step = predict_step_memory(config, "no", gan_stage=True).per_process / GIB
+    assert step < figures[4] - 0.1
+    checks = {c.name: c for c in verify_environment(config, gpu_memory_gib=(step + figures[4]) / 2)}
+    assert checks["GPU memory"].status == "PASS"
+    assert checks["validation GPU memory"].status == "FAIL" and "val_batch_size" in checks["validation GPU memory"].detail

@@ -471,6 +471,24 @@ def test_tf32_on_cuda_by_default_and_deterministic_on_request():
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
+def test_cudnn_benchmark_on_cuda_by_default_off_on_request_or_when_deterministic():
+    saved = torch.backends.cudnn.benchmark
+    try:
+        torch.backends.cudnn.benchmark = False
+        configure_backends(load_config(DEMO).training, torch.device("cpu"))
+        assert torch.backends.cudnn.benchmark is False  # the CPU run leaves cuDNN alone
+        configure_backends(load_config(DEMO).training, torch.device("cuda"))
+        assert torch.backends.cudnn.benchmark is True
+        configure_backends(load_config(DEMO, ["training.cudnn_benchmark=false"]).training, torch.device("cuda"))
+        assert torch.backends.cudnn.benchmark is False
+        torch.backends.cudnn.benchmark = True
+        configure_backends(load_config(DEMO, ["training.deterministic=true"]).training, torch.device("cuda"))
+        assert torch.backends.cudnn.benchmark is False
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.benchmark = saved
+
+
 def test_validation_and_the_best_export_leave_the_model_training(prepared, tmp_path):
     config = _config(prepared, tmp_path, "training.val_patch_size=[16,32,32]", "training.validate_every=1")
     parts = build_training(config, Accelerator(cpu=True))

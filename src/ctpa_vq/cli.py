@@ -253,6 +253,8 @@ def _add_reconstruct(subparsers) -> None:
     _add_spacing_option(reconstruct)
     _add_inference_options(reconstruct)
     reconstruct.add_argument("--slices", default=None, help="also write a PNG of mid-slices input | output | error")
+    reconstruct.add_argument("--no-metrics", action="store_true",
+                             help="skip scoring (PSNR, SSIM, region errors against the input): write the volume only")
     reconstruct.set_defaults(handler=_run_reconstruct)
 
 
@@ -370,6 +372,7 @@ def _overlap(text: str) -> float | int:
 
 
 def _run_reconstruct(args: argparse.Namespace) -> int:
+    import time
     from pathlib import Path
 
     import numpy as np
@@ -393,12 +396,17 @@ def _run_reconstruct(args: argparse.Namespace) -> int:
     pipeline = _load_pipeline(args)
     spacing = target_spacing(pipeline, _spacing(args))
     print(f"{args.input}: {_describe_run(args, pipeline, ct.shape, ct.spacing, spacing)}")
+    started = time.perf_counter()
     reconstruction = reconstruct_volume(pipeline, ct, spacing, **_grid_options(args), blend=args.blend,
                                         batch_size=args.batch_size)
+    model_seconds = time.perf_counter() - started
     if ct.hu.dtype.kind in "iu":  # integral input: write integral HU, like the input
         reconstruction = np.rint(reconstruction).astype(ct.hu.dtype)
     save_volume_like(reconstruction, ct, output)
-    if min(ct.shape) > SSIM_KERNEL // 2:
+    started = time.perf_counter()
+    if args.no_metrics:
+        metrics = "written (scoring skipped: --no-metrics)"
+    elif min(ct.shape) > SSIM_KERNEL // 2:
         metrics = reconstruction_metrics(reconstruction, ct.hu, pipeline.window, device=pipeline.vqgan.device)
     else:  # too thin for the 3D SSIM kernel: report what applies
         low, high = pipeline.window
@@ -406,6 +414,9 @@ def _run_reconstruct(args: argparse.Namespace) -> int:
         metrics = (f"PSNR {psnr:.2f} dB (HU window {low:g}..{high:g}); SSIM not computed: 3D SSIM needs more than "
                    f"{SSIM_KERNEL // 2} voxels along every axis, this volume is {'x'.join(map(str, ct.shape))}")
     print(f"{output}: {metrics}")
+    scoring_seconds = time.perf_counter() - started
+    print(f"time: reconstruction {model_seconds:.1f} s, scoring {scoring_seconds:.1f} s "
+          f"({scoring_seconds / max(model_seconds, 1e-9):.2f}x the reconstruction)")
     if args.slices:
         save_mid_slices(args.slices, ct.hu, reconstruction, pipeline.window, spacing=ct.spacing)
         print(f"{args.slices}: mid-slices input | reconstruction | |error|")

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +39,7 @@ from torch.utils._pytree import tree_map_only
 
 from ..intensity import hu_to_unit
 from ..models import VQGAN3D
+from ..pipelines import CTPAReconstructionPipeline
 from .adversarial import Discriminators
 from .config import TrainConfig
 from .perceptual import PerceptualLoss2D
@@ -108,6 +110,17 @@ def predict_step_memory(
     """
     if mixed_precision not in ("bf16", "no"):
         raise ValueError(f"mixed_precision must be 'bf16' or 'no', got {mixed_precision!r}")
+    autocast_dtype = torch.bfloat16 if mixed_precision == "bf16" else None
+
+    def step(parts: _StepParts) -> None:
+        with CudaAutocastRules():
+            _train_step(parts, config, autocast_dtype)
+
+    return _trace(config, gan_stage, num_processes, step)
+
+
+def _trace(config: TrainConfig, gan_stage: bool, num_processes: int, run: Callable[[_StepParts], None]) -> StepMemory:
+    """`run` on the fake models and optimizers of ``config``, under the memory tracker: its peak."""
     start = time.perf_counter()
     parts = _StepParts.build(config, gan_stage)
     # Non-fake inputs: the meta-device modules, whose storage `to_fake` replaces.
@@ -115,8 +128,8 @@ def predict_step_memory(
         parts.to_fake(config)
         tracker = _MemTracker()
         tracker.track_external(*parts.modules, *parts.optimizers)
-        with tracker, _HealthyStepValues(), CudaAutocastRules():
-            _train_step(parts, config, torch.bfloat16 if mixed_precision == "bf16" else None)
+        with tracker, _HealthyStepValues():
+            run(parts)
         peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]
     breakdown = {getattr(kind, "value", kind): size for kind, size in peak.items() if kind != "Total"}
     trained = [parts.model] + ([parts.critics] if parts.opt_d is not None else [])
@@ -127,6 +140,41 @@ def predict_step_memory(
         ddp_buckets=buckets if num_processes > 1 else 0,
         trace_seconds=time.perf_counter() - start,
     )
+
+
+def validation_patch(config: TrainConfig, volume_shape: Sequence[int]) -> tuple[int, int, int]:
+    """The patch validation runs on a ``(D, H, W)`` volume: the pipeline's grid with the recipe's
+    `val_patch_size`, `val_overlap` and `val_max_patch_voxels` (planned by default)."""
+    with torch.device("meta"):
+        model = VQGAN3D(**generator_config(config.model))
+    training = config.training
+    grid = CTPAReconstructionPipeline(model).patch_grid(
+        volume_shape, training.val_patch_size, training.val_overlap, training.val_max_patch_voxels
+    )
+    return tuple(grid.patch_size)
+
+
+def predict_validation_memory(
+    config: TrainConfig, volume_shape: Sequence[int], gan_stage: bool = True, num_processes: int = 1
+) -> StepMemory:
+    """Peak GPU memory while validation reconstructs a ``(D, H, W)`` volume during training.
+
+    What stays allocated from training (weights, AdamW moments, the critics and their optimizer,
+    the perceptual network, DDP buckets; gradients are freed by ``zero_grad(set_to_none=True)``)
+    plus one float32, no-grad forward of the pipeline (encode, quantise, decode) on
+    `training.val_batch_size` patches of `validation_patch`, traced on fake tensors as
+    :func:`predict_step_memory` traces a step. Scoring on the device (SSIM slabs, a few hundred
+    MiB) comes after the forward and is smaller.
+    """
+    patch = validation_patch(config, volume_shape)
+
+    def forward(parts: _StepParts) -> None:
+        model = parts.model.eval()  # as the pipeline runs it
+        with torch.no_grad():
+            patches = torch.empty((config.training.val_batch_size, 1, *patch))  # the stitcher's batch on the device
+            model.decode(model.quantize(model.encode(patches))[0])
+
+    return _trace(config, gan_stage, num_processes, forward)
 
 
 @dataclass

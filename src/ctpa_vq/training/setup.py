@@ -93,10 +93,12 @@ def build_accelerator(config: TrainConfig) -> Accelerator:
 
 
 def configure_backends(training: TrainingConfig, device: torch.device) -> None:
-    """TF32 on CUDA (`training.tf32`) and, if asked, deterministic kernels (`training.deterministic`)."""
+    """TF32 (`training.tf32`) and cuDNN's autotuner (`training.cudnn_benchmark`) on CUDA and, if asked,
+    deterministic kernels (`training.deterministic`)."""
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = training.tf32
         torch.backends.cudnn.allow_tf32 = training.tf32
+        torch.backends.cudnn.benchmark = training.cudnn_benchmark and not training.deterministic
     if training.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for determinism
         torch.backends.cudnn.benchmark = False

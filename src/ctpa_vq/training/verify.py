@@ -13,7 +13,7 @@ import yaml
 
 from ..models import VQGAN3D
 from .config import TrainConfig
-from .memory import GIB, predict_step_memory, with_knob
+from .memory import GIB, predict_step_memory, predict_validation_memory, validation_patch, with_knob
 from .pretrained import generator_config
 
 PASS, WARN, FAIL = "PASS", "WARN", "FAIL"
@@ -160,17 +160,54 @@ def _memory_checks(config: TrainConfig, cfg: dict | None, gpu_memory_gib: float 
                f"{'bf16 autocast' if mixed == 'bf16' else 'fp32'}, gradient checkpointing "
                f"{'on' if config.model.gradient_checkpointing else 'off'}: {predicted.describe()} "
                f"(traced in {predicted.trace_seconds:.0f} s)")
+    validation = _validation_memory(config, gan_stage, processes)
     if gpu_memory_gib is not None:
         capacity, source = gpu_memory_gib * GIB, f"--gpu-memory {gpu_memory_gib:g} GiB"
     elif torch.cuda.is_available():
         sizes = [torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count())]
         capacity, source = min(sizes), f"the smallest GPU here, {min(sizes) / GIB:.1f} GiB"
     else:
-        return [Check(WARN, "GPU memory", f"{summary}; no GPU to compare with (give --gpu-memory GIB)")]
+        return [Check(WARN, "GPU memory", f"{summary}; no GPU to compare with (give --gpu-memory GIB)"),
+                *(Check(WARN, "validation GPU memory", f"{text}; no GPU to compare with") for _, text in validation)]
     if predicted.per_process <= capacity:
-        return [Check(PASS, "GPU memory", f"{summary}; fits {source}")]
-    return [Check(FAIL, "GPU memory", f"{summary}; does not fit {source}. "
-                  + _knobs(config, mixed, gan_stage, processes, capacity))]
+        checks = [Check(PASS, "GPU memory", f"{summary}; fits {source}")]
+    else:
+        checks = [Check(FAIL, "GPU memory", f"{summary}; does not fit {source}. "
+                        + _knobs(config, mixed, gan_stage, processes, capacity))]
+    for figure, text in validation:
+        fits = figure <= capacity
+        advice = "" if fits else ". Lower training.val_batch_size or training.val_max_patch_voxels"
+        checks.append(Check(PASS if fits else FAIL, "validation GPU memory",
+                            f"{text}; {'fits' if fits else 'does not fit'} {source}{advice}"))
+    return checks
+
+
+def _validation_shape(config: TrainConfig) -> tuple[int, int, int] | None:
+    """The largest of the volumes validation scores (the first `training.val_max_volumes` of the
+    prepared validation split; the phantoms' shape without a dataset); None if none can be read."""
+    if config.dataset.path is None:
+        return tuple(config.dataset.phantom_shape)
+    from ..data.patch_dataset import VolumeStore
+
+    try:
+        shapes = VolumeStore.from_disk(config.dataset.path, "validation").shapes
+    except (FileNotFoundError, ValueError):
+        return None  # the data check reports it
+    shapes = shapes[: config.training.val_max_volumes or len(shapes)]
+    return tuple(max(shapes, key=lambda shape: shape[0] * shape[1] * shape[2])) if shapes else None
+
+
+def _validation_memory(config: TrainConfig, gan_stage: bool, processes: int) -> list[tuple[int, str]]:
+    """Predicted per-process peak of validation (fp32 forward on top of the training state), with its
+    description; empty when there is no validation volume to size it by."""
+    shape = _validation_shape(config)
+    if shape is None:
+        return []
+    predicted = predict_validation_memory(config, shape, gan_stage, processes)
+    text = (f"validation of a {'x'.join(map(str, shape))} volume, val_batch_size {config.training.val_batch_size}, "
+            f"patch {validation_patch(config, shape)}, fp32 without gradients, on top of the training state: "
+            f"{predicted.describe()} (traced in {predicted.trace_seconds:.0f} s)")
+    return [(predicted.per_process, text)]
 
 
 def _knobs(config: TrainConfig, mixed: str, gan_stage: bool, processes: int, capacity: float) -> str:
