@@ -110,7 +110,9 @@ class TrainingConfig:
     ddp_timeout_minutes: int = 30  # process-group timeout: a collective waits this long for the slowest process
     compile: bool = False  # torch.compile the generator and the critics (Accelerate's dynamo backend, inductor)
     tf32: bool = True  # TF32 matmuls and convolutions on CUDA (no effect on CPU)
-    cudnn_benchmark: bool = True  # cuDNN times its convolution algorithms per input shape and keeps the fastest (fixed patches: once); off under `deterministic`
+    # cuDNN times its convolution algorithms per input shape and keeps the fastest (fixed patches: once);
+    # off under `deterministic`
+    cudnn_benchmark: bool = True
     deterministic: bool = False  # torch.use_deterministic_algorithms (slower; warns where CUDA has no such kernel)
 
     def __post_init__(self) -> None:
