@@ -97,7 +97,7 @@ def test_bundled_model_computes_what_the_package_model_computes(tmp_path):
 
 
 def test_generic_diffusers_loader_loads_a_saved_pipeline(tmp_path):
-    """`DiffusionPipeline.from_pretrained(dir)` finds the pipeline class once ctpa_vq is imported."""
+    """`DiffusionPipeline.from_pretrained(dir)` finds the pipeline class once it is imported from ctpa_vq."""
     torch.manual_seed(0)
     pipe = CTPAReconstructionPipeline(VQGAN3D.from_preset("tiny"))
     pipe.save_pretrained(tmp_path / "saved")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -16,12 +17,15 @@ from accelerate import Accelerator
 from safetensors.torch import load_file
 
 from ctpa_vq import VQGAN3D
+from ctpa_vq.cli import main
 from ctpa_vq.data.patch_dataset import VolumeStore
 from ctpa_vq.metrics import psnr_hu
 from ctpa_vq.pipelines import CTPAReconstructionPipeline
 from ctpa_vq.training import load_config
 from ctpa_vq.training.checkpoints import resolve_checkpoint
+from ctpa_vq.training.loop import TrainResult
 from ctpa_vq.training.schedules import lr_factor
+from ctpa_vq.training.summary import run_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 DUMP_SCRIPT = ROOT / "tests" / "scripts" / "train_and_dump.py"
@@ -189,7 +193,48 @@ def test_demo_recipe_learns(tmp_path):
     assert float(rows[-1]["val_psnr"]) == pytest.approx(after, abs=0.5)
 
 
+@pytest.mark.slow
+def test_demo_ends_with_a_summary_of_its_model(tmp_path, capsys):
+    """The demo script, shrunk to two steps: its last lines are the last validation's figures as
+    metrics.csv has them, the model, the mid-slice picture, and commands that run on that model."""
+    out = tmp_path / "demo"
+    small = ["dataset.phantoms=3", "dataset.phantom_shape=[24,48,48]", "dataset.patch_size=[16,32,32]",
+             "dataset.patches_per_volume=2", "training.max_steps=2", "training.validate_every=2", "training.log_every=1"]
+    demo = subprocess.run(
+        [sys.executable, str(ROOT / "train_vqgan.py"), f"training.output_dir={out}", *small],
+        check=True, capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    with (out / "metrics.csv").open() as f:
+        rows = [r for r in csv.DictReader(f) if r["val_psnr"]]
+    assert int(rows[-1]["step"]) == 2
+    summary = demo.stdout[demo.stdout.index("Training done: step 2 of 2"):]
+    figures = re.search(r"whole volume PSNR (\S+) dB, SSIM (\S+); body PSNR (\S+) dB, SSIM (\S+) ", summary).groups()
+    for printed, column, digits in zip(figures, ("val_psnr", "val_ssim", "val_body_psnr", "val_body_ssim"), (2, 4, 2, 4)):
+        assert float(printed) == pytest.approx(float(rows[-1][column]), abs=0.6 * 10**-digits), column
+    assert re.search(r"model +(\S+)", summary)[1] == str(out / "final") and (out / "final" / "model_index.json").is_file()
+    picture = re.search(r"picture +(\S+)", summary)[1]
+    assert picture == str(out / "samples" / "step-00000002.png") and Path(picture).is_file()
+    reconstruct = next(line.split() for line in summary.splitlines() if "ctpa-vq reconstruct" in line)
+    assert main(reconstruct[1:] + ["--no-progress"]) == 0, capsys.readouterr().err  # the command it suggests runs
+    assert (out / "reconstruction.nii.gz").is_file() and (out / "reconstruction.png").is_file()
+    assert any(line.split()[:2] == ["ctpa-vq", "evaluate"] for line in summary.splitlines())
+
+
 # ---------------------------------------------------------------------------------------- fast
+
+
+def test_summary_of_a_run_on_a_prepared_dataset_and_of_one_stopped_early(tmp_path):
+    config = load_config(DEMO, [f"training.output_dir={tmp_path}", f"dataset.path={tmp_path / 'prepared'}"])
+    model = VQGAN3D.from_preset("tiny")
+    figures = {"val_psnr": 31.234, "val_ssim": 0.91234, "val_body_psnr": 28.5, "val_body_ssim": 0.8}
+    done = run_summary(config, TrainResult(model, 300, tmp_path / "final", figures, tmp_path / "step.png"))
+    assert "whole volume PSNR 31.23 dB, SSIM 0.9123; body PSNR 28.50 dB, SSIM 0.8000" in done
+    assert "--input YOUR_CT.nii.gz" in done  # no phantom to point at
+    assert f"ctpa-vq evaluate --model {tmp_path / 'final'} --input {tmp_path / 'prepared'} --split validation" in done
+
+    stopped = run_summary(config, TrainResult(model, 40, None))
+    assert stopped.startswith("Training stopped early: step 40 of 300") and "--resume latest" in stopped
+    assert "validation  none in this run" in stopped and "ctpa-vq" not in stopped
 
 
 def test_latest_ignores_half_written_checkpoints(tmp_path):

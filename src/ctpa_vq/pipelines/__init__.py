@@ -8,7 +8,8 @@ from .reconstruction import CTPAReconstructionOutput, CTPAReconstructionPipeline
 
 # diffusers resolves a plain `_class_name` in model_index.json only as an attribute of the `diffusers`
 # module: registering the class there lets `DiffusionPipeline.from_pretrained(saved_dir)` load a saved
-# pipeline once `ctpa_vq` is imported (its component, `ctpa_vq.models.vqgan`, resolves from sys.modules).
+# pipeline once this module is imported, as `from ctpa_vq import CTPAReconstructionPipeline` does (a bare
+# `import ctpa_vq` imports nothing heavy); its component, `ctpa_vq.models.vqgan`, resolves from sys.modules.
 setattr(diffusers, CTPAReconstructionPipeline.__name__, CTPAReconstructionPipeline)
 
 __all__ = ["CTPAReconstructionOutput", "CTPAReconstructionPipeline", "load_reconstruction_pipeline"]

@@ -27,7 +27,7 @@ from .nonfinite import NonFiniteLossError
 from .setup import TrainingParts, build_training, resume_training
 from .steps import model_input, train_micro_batch
 from .export import export_model
-from .validation import validate
+from .validation import mid_slices_path, validate
 
 __all__ = ["NonFiniteLossError", "TrainResult", "train"]
 
@@ -39,6 +39,8 @@ class TrainResult:
     model: VQGAN3D
     step: int
     final_dir: Path | None  # None when the run stopped early (`training.stop_at_step`)
+    validation: dict[str, float] | None = None  # this run's last validation figures (`val_psnr`, ...), if any
+    mid_slices: Path | None = None  # that validation's picture, input | reconstruction | error (main process)
 
 
 class MetricWindow:
@@ -92,6 +94,7 @@ def train(config: TrainConfig, resume: str | None = None) -> TrainResult:
     )
     parts.model.train()
     window = MetricWindow()
+    validation, mid_slices = None, None
     while state.step < last_step:
         epoch, skip = divmod(micro_batches, batches_per_epoch)
         parts.loader.set_epoch(epoch)  # the sampler's permutation
@@ -108,7 +111,9 @@ def train(config: TrainConfig, resume: str | None = None) -> TrainResult:
             parts.guard.end_step()
             state.step += 1
             progress.update(1)
-            on_sync(parts, window, metrics, epoch, last_step, progress, hub)
+            validated = on_sync(parts, window, metrics, epoch, last_step, progress, hub)
+            if validated is not None:
+                validation, mid_slices = validated, mid_slices_path(out / "samples", state.step)
             if state.step >= last_step:
                 break
     progress.close()
@@ -119,7 +124,9 @@ def train(config: TrainConfig, resume: str | None = None) -> TrainResult:
     hub.close()  # waits for the queued uploads; a failed one was logged, never raised
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return TrainResult(accelerator.unwrap_model(parts.model), state.step, final)
+    if not accelerator.is_main_process:
+        mid_slices = None  # process 0 draws it
+    return TrainResult(accelerator.unwrap_model(parts.model), state.step, final, validation, mid_slices)
 
 
 def step_schedules(parts: TrainingParts) -> None:
@@ -134,8 +141,9 @@ def step_schedules(parts: TrainingParts) -> None:
 def on_sync(
     parts: TrainingParts, window: MetricWindow, metrics: MetricsLogger, epoch: int, last_step: int, progress=None,
     hub: HubSync | None = None,
-) -> None:
-    """After an optimizer step: log (and check for non-finite runs), validate, checkpoint, as due."""
+) -> dict[str, float] | None:
+    """After an optimizer step: log (and check for non-finite runs), validate, checkpoint, as due.
+    Returns the validation figures when this step validated."""
     training, step = parts.config.training, parts.state.step
     if step % training.log_every == 0 or step == last_step:
         row = window.row(parts.accelerator)
@@ -146,8 +154,9 @@ def on_sync(
         metrics.log(step, row)
         if progress is not None:
             progress.set_postfix(loss=f"{row['loss']:.4f}", l1=f"{row['l1']:.4f}")
+    validation = None
     if step % training.validate_every == 0 or step == last_step:
-        validate_and_export(parts, metrics, hub)
+        validation = validate_and_export(parts, metrics, hub)
     if step % training.checkpoint_every == 0 or step == last_step:
         parts.guard.check()  # never checkpoint past a run of non-finite steps
         checkpoint = save_checkpoint(
@@ -155,13 +164,17 @@ def on_sync(
         )
         if hub is not None:
             hub.push_checkpoint(checkpoint, step)
+    return validation
 
 
-def validate_and_export(parts: TrainingParts, metrics: MetricsLogger, hub: HubSync | None = None) -> None:
-    """Every process scores its share of the validation volumes; a new best PSNR exports `best/`."""
+def validate_and_export(
+    parts: TrainingParts, metrics: MetricsLogger, hub: HubSync | None = None
+) -> dict[str, float] | None:
+    """Every process scores its share of the validation volumes; a new best PSNR exports `best/`.
+    Returns the figures logged (the same on every process), None without validation volumes."""
     accelerator, state = parts.accelerator, parts.state
     if not len(parts.val_volumes):
-        return
+        return None
     unwrapped = accelerator.unwrap_model(parts.model)
     try:  # the pipeline (validation and export) puts the model in eval mode; training resumes in train mode
         results = validate(
@@ -178,3 +191,4 @@ def validate_and_export(parts: TrainingParts, metrics: MetricsLogger, hub: HubSy
     finally:
         unwrapped.train()
     accelerator.wait_for_everyone()
+    return results

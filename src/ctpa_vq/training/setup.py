@@ -106,14 +106,24 @@ def configure_backends(training: TrainingConfig, device: torch.device) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
 
+def prepared_dataset_path(config: TrainConfig) -> Path:
+    """The prepared dataset a run trains on: `dataset.path`, or its synthetic phantoms' under the output folder."""
+    return Path(config.dataset.path) if config.dataset.path else Path(config.training.output_dir) / "phantom_dataset"
+
+
+def phantom_dir(config: TrainConfig) -> Path:
+    """Where a run with no `dataset.path` writes its synthetic phantoms (`phantom_000.nii.gz`, ...)."""
+    return Path(config.training.output_dir) / "phantoms"
+
+
 def volume_stores(config: TrainConfig, accelerator: Accelerator) -> tuple[VolumeStore, VolumeStore]:
     """The prepared train/validation splits; with no `dataset.path`, synthetic phantoms made once."""
     data = config.dataset
-    path = Path(data.path) if data.path else Path(config.training.output_dir) / "phantom_dataset"
+    path = prepared_dataset_path(config)
     if data.path is None:
         with accelerator.main_process_first():
             if accelerator.is_main_process and not path.exists():
-                raw = Path(config.training.output_dir) / "phantoms"
+                raw = phantom_dir(config)
                 write_phantom_dir(raw, data.phantoms, data.phantom_shape, seed=config.training.seed)
                 prepare_dataset(raw, path, data.val_fraction, data.max_patients, seed=config.training.seed)
     elif not path.exists():

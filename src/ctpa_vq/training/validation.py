@@ -22,6 +22,11 @@ SCORE_FIELDS = tuple(name for name in VolumeScore.__dataclass_fields__ if name !
 """The per-volume figures validation averages into `val_<field>` (whole-volume, body and per-region)."""
 
 
+def mid_slices_path(sample_dir: Path, step: int) -> Path:
+    """The PNG in which `validate` at `step` shows volume 0: input | reconstruction | error mid-slices."""
+    return sample_dir / f"step-{step:08d}.png"
+
+
 @torch.no_grad()
 def validate(
     model: VQGAN3D, volumes: VolumeStore, config: TrainConfig, sample_dir: Path, step: int, accelerator: Accelerator
@@ -31,7 +36,7 @@ def validate(
     The first `training.val_max_volumes` volumes are shared out across processes (volume `i` on
     process `i % world_size`) and the per-volume scores and code counts gathered, so every
     process returns the same figures as one process scoring them all. Process 0 writes
-    mid-slices (input | reconstruction | error) of volume 0 to `sample_dir/step-XXXXXXXX.png`.
+    mid-slices (input | reconstruction | error) of volume 0 to `mid_slices_path(sample_dir, step)`.
     """
     pipeline = CTPAReconstructionPipeline(vqgan=model)  # runs the model in eval mode, then gives train mode back
     pipeline.set_progress_bar_config(disable=True)
@@ -54,7 +59,7 @@ def validate(
         counts += torch.bincount(result.indices.flatten().cpu(), minlength=counts.numel()).double()
         if index == 0:
             sample_dir.mkdir(parents=True, exist_ok=True)
-            save_mid_slices(sample_dir / f"step-{step:08d}.png", hu, result.reconstruction, pipeline.window)
+            save_mid_slices(mid_slices_path(sample_dir, step), hu, result.reconstruction, pipeline.window)
     # Sorted by volume: the means add in the same order whatever the world size.
     scores = [score for _, score in sorted(gather_object(scores) if accelerator.num_processes > 1 else scores,
                                            key=lambda item: item[0])]
