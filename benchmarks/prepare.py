@@ -101,7 +101,6 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/ctpa_vq_bench_prepare"))
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    imported_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the modules workers share (fork)
 
     dicom_dir, nifti_dir = make_inputs(args.work, args.dicom, args.nifti, args.slices, args.size)
     key = PseudonymKey.load(args.work / "bench.key")
@@ -137,8 +136,8 @@ def main() -> None:
         read, ours, two = result[(kind, "read")], result[(kind, "prepare")], result[(kind, "prepare x2")]
         print(f"{kind}: prepare per process {read[1] / ours[1]:.2f}x the reader's rate (CPU; wall "
               f"{read[0] / ours[0]:.2f}x); 2 processes {ours[0] / two[0]:.2f}x one (wall)")
-    print(f"peak RSS of a worker process: {peak_worker_mb:.0f} MB, of which {imported_mb:.0f} MB are the imported "
-          f"modules (shared with the parent); one volume is {voxels * 2 / 1e6:.0f} MB as int16")
+    print(f"peak RSS of a worker process: {peak_worker_mb:.0f} MB, most of it the imported modules it shares with "
+          f"the parent (fork); one volume is {voxels * 2 / 1e6:.0f} MB as int16")
     for collection, (kind, volumes, collection_voxels) in COLLECTIONS.items():
         seconds_per_volume = result[(kind, "prepare")][1] / 1e3 * collection_voxels / voxels
         hours = volumes * seconds_per_volume / 32 / 3600

@@ -172,3 +172,13 @@ def test_accelerate_launch_splits_the_shards(inputs, reference, tmp_path):
     assert run.returncode == 0, run.stderr
     assert run.stdout.count("used ") == 1  # rank 0 reports
     assert _rows(tmp_path / "out") == _rows(reference)
+
+
+def test_one_progress_bar_counts_every_worker(inputs, tmp_path, capsys):
+    from ctpa_vq.cli import main
+
+    assert main(["prepare", "--input", str(inputs), "--output", str(tmp_path / "out"), "--val-fraction", "0.3",
+                 "--patients-per-shard", "2", "--num-proc", "2"]) == 0
+    bar = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    assert "prepare: 100%" in bar and "10/10" in bar  # patients (with an ETA while running)
+    assert f"{PATIENTS + 1} volumes, " in bar and " GB" in bar

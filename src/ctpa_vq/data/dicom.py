@@ -222,12 +222,12 @@ def load_dicom_series(series: DicomSeries) -> CTVolume:
         if pixels.shape != (rows, columns):
             raise CTFileError(path, f"pixel data has shape {pixels.shape}, expected (Rows, Columns) = "
                                     f"{(rows, columns)}")
-        if integral:
-            hu = pixels.astype(np.int32)
-            if g.slope != 1:
-                hu *= int(g.slope)
-            if g.intercept:
-                hu += int(g.intercept)
+        if integral and g.slope == 1:  # the usual case: one pass, no temporary
+            if data.dtype == np.int16 and not _fits_int16(pixels, int(g.intercept)):
+                data = data.astype(np.int32, order="F")
+            np.add(pixels, np.int32(g.intercept), out=data[:, :, k].T, casting="unsafe")
+        elif integral:
+            hu = pixels.astype(np.int32) * int(g.slope) + int(g.intercept)
             if data.dtype == np.int16 and (hu.min() < _STORED_INT16.min or hu.max() > _STORED_INT16.max):
                 data = data.astype(np.int32, order="F")
             data[:, :, k] = hu.T
@@ -337,6 +337,15 @@ def _check_grid(name: str, files: list[Path], geometry: list[_SliceGeometry]) ->
         raise CTFileError(name, f"gantry tilt: slice positions drift {sideways:.3f} mm sideways per mm along the "
                                 "slice normal, so the slices do not form a rectangular grid")
     return order
+
+
+def _fits_int16(pixels: np.ndarray, intercept: int) -> bool:
+    """Whether ``pixels + intercept`` stays within int16: from the dtype's range when that settles it,
+    else from the slice's extremes."""
+    info = np.iinfo(pixels.dtype) if pixels.dtype.kind in "iu" else None
+    if info is not None and _STORED_INT16.min <= info.min + intercept and info.max + intercept <= _STORED_INT16.max:
+        return True
+    return _STORED_INT16.min <= int(pixels.min()) + intercept and int(pixels.max()) + intercept <= _STORED_INT16.max
 
 
 def _native_pixels(dataset, syntax) -> np.ndarray | None:

@@ -423,7 +423,7 @@ def prepare_dataset(
     show = progress and rank == 0
     total = sum(len(c) for k, c in enumerate(chunks) if k not in done and (watch or k in mine))
     with tqdm(total=total, desc="prepare", unit="patient", disable=not show) as bar:
-        progress_of = _Progress(bar, chunks, set(done), mine if not watch else set())
+        progress_of = _Progress(bar, chunks, set(done), mine)
         for result in _run_jobs(jobs, num_proc, progress_of):
             report.used_files += [Path(p) for p in result.used]
             report.skipped += [(Path(p), reason) for p, reason in result.skipped]
@@ -439,8 +439,8 @@ class _Progress:
     """One bar for the run: patients done (ETA), volumes and GB, this process's workers and (for the
     process that waits for the others) the shards other processes finished."""
 
-    def __init__(self, bar: tqdm, chunks: list, done: set[int], ignore: set[int]) -> None:
-        self.bar, self.chunks, self.seen = bar, chunks, set(done) | set(ignore)
+    def __init__(self, bar: tqdm, chunks: list, done: set[int], mine: set[int]) -> None:
+        self.bar, self.chunks, self.seen, self.mine = bar, chunks, set(done), set(mine)
         self.volumes, self.bytes = 0, 0
 
     def volume(self, nbytes: int) -> None:
@@ -455,7 +455,7 @@ class _Progress:
 
     def others(self, manifests: dict[int, dict]) -> None:
         for index, manifest in manifests.items():
-            if index not in self.seen:
+            if index not in self.seen and index not in self.mine:  # this process's shards count as they go
                 for volume in manifest["volumes"]:
                     self.volume(volume["bytes"])
                 self.shard_done(index)
