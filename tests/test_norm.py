@@ -42,7 +42,7 @@ def test_output_far_from_a_change_depends_on_the_patch_only_with_groupnorm(norm_
 
 def test_a_config_saved_before_norm_type_loads_as_groupnorm(tmp_path):
     torch.manual_seed(0)
-    model = VQGAN3D.from_preset("tiny").eval()
+    model = VQGAN3D.from_preset("tiny", norm_type="group").eval()
     model.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     del config["norm_type"]
@@ -52,6 +52,13 @@ def test_a_config_saved_before_norm_type_loads_as_groupnorm(tmp_path):
     assert isinstance(loaded.encoder.norm_out, torch.nn.GroupNorm)
     x = torch.rand(1, 1, 8, 16, 16) * 2 - 1
     assert torch.equal(_autoencode(loaded, x), _autoencode(model, x))
+
+
+def test_presets_default_to_no_normalisation():
+    for preset in ("tiny", "ctpa-512"):
+        model = VQGAN3D.from_preset(preset)
+        assert model.config.norm_type == "none"
+        assert not any(isinstance(m, torch.nn.GroupNorm) for m in model.modules())
 
 
 def test_norm_type_round_trips_and_an_unknown_one_raises(tmp_path):

@@ -62,9 +62,10 @@ class VQGAN3D(ModelMixin, ConfigMixin):
             is a share in [0, 1) of the mean code count (see `EMAVectorQuantizer`).
         norm_num_groups: GroupNorm groups.
         norm_type: the encoder's and decoder's normalisation, one of `NORM_TYPES` (`blocks.py`):
-            `"group"` (GroupNorm over each patch; configs saved before this option load as it) or
-            `"none"` (no normalisation, zero-initialised residual scales), whose output does not
-            depend on the inference patch.
+            `"group"` (GroupNorm over each patch; configs saved before this option load as it),
+            `"none"` (no normalisation, zero-initialised residual scales) or `"batch"` (BatchNorm,
+            running statistics at inference); with the last two a voxel's reconstruction does
+            not depend on the rest of the inference patch.
         hu_window: (low, high) HU mapped to [-1, 1]; how outputs turn back into HU.
         latents_mean / latents_std: per-channel statistics of the continuous latents that a
             downstream diffusion model should standardise with (see `scale_latents`); `None`
