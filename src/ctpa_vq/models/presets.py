@@ -2,10 +2,11 @@
 
 Both use `norm_type="none"` (no normalisation, learned residual scales): with GroupNorm a voxel's
 reconstruction followed the statistics of whatever patch it was inferred in (3.7 dB across
-inference patches on one validation CT); without, it depends on its receptive field only (what
-remains, 0.1-0.3 dB, comes from blending overlapping patches), and the trained `tiny` scored
-1.6 dB higher on the validation CTs (BENCHMARKS.md, "quality"). `norm_type="group"` restores
-the GroupNorm model, and configs saved before the option load as GroupNorm.
+inference patches on one validation CT); without, it depends on its receptive field only, and
+the training patch is the best inference patch on every volume (larger ones 0.2-0.9 dB lower).
+On the validation CTs the trained `tiny` scored 1.6 dB above GroupNorm on seed 0, within the
+spread of its own seeds (BENCHMARKS.md, "quality"). `norm_type="group"` restores the GroupNorm
+model, and configs saved before the option load as GroupNorm.
 """
 
 from __future__ import annotations
