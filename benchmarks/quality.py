@@ -1,64 +1,61 @@
-"""Quality on real chest CT: VQGAN3D against MONAI's 3D autoencoders and classical down-up sampling.
+"""Quality on real chest CT the models never saw: VQGAN3D against MONAI's 3D autoencoders and tricubic down-up.
 
-Every learned model trains on random patches of one real volume (``lung1``, 48x512x512) and is
-scored on the whole other volume (``lung2``, 61x512x512), both from :mod:`real_ct`. Same data,
-same patch size and patch sequence, same 4x4x4 spatial compression, same optimiser, schedule and
-number of steps (one learning rate, except for MONAI's VQVAE, below), parameter counts within 10%
-of each other; the same loss for every model: L1 plus ``--ssim-weight`` 0.5 x (1 - 3D SSIM) on the
-[-1, 1] window (``ctpa_vq.training.losses``, the recipe's ``model.ssim_weight``), plus each model's
-own regulariser (VQ commitment, MONAI VQ loss, KL for AutoencoderKL). No adversarial or perceptual
-loss: this compares the autoencoders, not GAN recipes.
+Protocol (held-apart volumes, BENCHMARKS.md "quality"):
 
-* ``vqgan3d-ema`` / ``vqgan3d-fsq``: ``VQGAN3D`` preset ``tiny`` with ``--vqgan-codes`` 4096 EMA
-  codes (12 bits per latent voxel; the preset's 256: 0.9 dB lower body PSNR on seed 0,
-  BENCHMARKS.md) and commitment weight ``--vqgan-commitment`` 0.1 (0.25, the package default:
-  every figure slightly worse over three seeds) and FSQ with levels (8, 6, 5) = 240 codes, scored
-  through ``CTPAReconstructionPipeline`` (its defaults, what a user gets: each patch encoded,
-  quantised and decoded, the decoded patches blended with linear ramps, 0.2-0.3 dB above its
-  gaussian blend; the volume is padded at the end to a multiple of 4, the latent grid's
-  contract) and, as ``...-monai-window``, the same model per patch through MONAI's
-  ``sliding_window_inference`` (gaussian weights clamped at 1e-3, so overlapping patch borders
-  are averaged; the last patch moved inward instead of padding).
-* ``monai-vqvae``: ``monai.networks.nets.VQVAE``, two stride-2 stages, 256 codes of dimension 8,
-  MONAI's EMA decay 0.5 (with 0.99, as ours, its normal-initialised codebook collapses to 1-2 codes)
-  and its own learning rate ``--vqvae-lr`` 1e-3 (at 2e-3 its codebook collapses to 4 codes by step 800).
-* ``monai-autoencoderkl``: ``monai.networks.nets.AutoencoderKL`` (the MAISI family), two
-  downsamplings, 4 continuous latent channels (far more bits per latent voxel than the 12 bits of
-  a 4096-code index); decoded from the latent mean. "Same compression" is the spatial factor
-  4x4x4 of the latent grid, as the issue sets it, not the same bits.
-* ``trilinear`` / ``tricubic``: 4x4x4 block mean (the same latent grid size), then
-  ``scipy.ndimage.zoom`` back with order 1 / 3.
+* Six real chest CTs from :mod:`real_ct`, split once in :data:`real_ct.SPLIT`: the models train on
+  random patches of ``train`` (lung1, pat4), every choice is made on ``validation`` (pat1, pat2),
+  the table reports ``test`` (lung2, pat3). Each volume is block-averaged in-plane to pixels near
+  ``--pixel-mm`` 2.3 mm (lung1/lung2 by 4, the pat crops by 2); slices stay (3-5 mm).
+* Every learned model trains ``--steps`` on the same patch sequence per seed (``--patch``
+  16x32x32, batch 2, each patch from a train volume drawn at random, its centre in the body),
+  AdamW, 5% warm-up then cosine decay, the same loss (L1 + ``--ssim-weight`` 0.5 x (1 - 3D SSIM)
+  on the [-1, 1] window, the recipe's) plus its own regulariser, parameter counts within 10%,
+  the same 4x4x4 latent grid; no adversarial or perceptual loss (this compares autoencoders).
+* Each trained model reconstructs every validation and test volume at each inference setting of
+  ``--settings``: an explicit patch ``DxHxW`` (overlap 25%), or ``planned``, the grid
+  ``CTPAReconstructionPipeline`` plans by default (here one patch per volume). VQGAN3D goes
+  through the pipeline (what a user gets: linear blend, padding to the latent grid); MONAI's
+  models through ``sliding_window_inference`` (gaussian blend) on the same patches.
+* Each model's *best setting* is the one with the highest validation body PSNR (mean over seeds);
+  the test table shows each model at its best setting and at ``planned`` (the pipeline's default),
+  every figure the mean over seeds of the mean over the test volumes, with the range over seeds.
 
-The MONAI models and the ``-monai-window`` rows are scored with ``sliding_window_inference`` on
-the same patch size, whose patch is the training patch by default: all these models normalise with
-GroupNorm over the patch, and a 32x128x128 inference patch (16x the voxels seen in training)
-cost one VQGAN3D run 0.22 body SSIM and 38 HU in lung and made runs look bimodal (another run
-it served better in PSNR, worse in lung; BENCHMARKS.md).
+Models (~0.5 M parameters each):
 
-Figures (see :mod:`ctpa_vq.metrics` and :mod:`ctpa_vq.regions`): PSNR/SSIM in HU over
-the window -1024..2048 for the whole volume and over the body, and mean absolute HU error per
-region. By default the volumes are block-averaged 4x in-plane (128x128, 2.3-2.5 mm pixels, 5 mm
-slices) so the benchmark runs on CPU cores in minutes; ``--inplane 1`` keeps full resolution.
+* ``vqgan3d-group`` / ``vqgan3d-none`` / ``vqgan3d-batch``: ``VQGAN3D`` preset ``tiny`` with
+  ``norm_type`` GroupNorm (the model before this benchmark), no normalisation (learned
+  zero-initialised residual scales) or BatchNorm (running statistics at inference); the
+  preset's 256 codes (8 bits per latent voxel) and commitment 0.25, as a user gets them.
+* ``monai-vqvae``: ``monai.networks.nets.VQVAE``, two stride-2 stages, ``--vqvae-codes`` codes of
+  dimension 8 (default 256: the same 8 bits per latent voxel as VQGAN3D), MONAI's EMA decay 0.5
+  (with 0.99, as ours, its normal-initialised codebook collapses to 1-2 codes) and its own
+  learning rate ``--vqvae-lr`` 1e-3 (at 2e-3 its codebook collapses to 4 codes by step 800).
+* ``monai-autoencoderkl``: ``monai.networks.nets.AutoencoderKL`` (the MAISI family, GroupNorm),
+  4 continuous latent channels (far more bits per latent voxel), decoded from the latent mean.
+* ``tricubic`` (and ``trilinear``): 4x4x4 block mean, ``scipy.ndimage.zoom`` back with order 3 (1).
 
-Every learned model trains 2400 steps once per seed (0, 1, 2: patch sequence and initialisation),
-and the last table is the mean over seeds: at 800 steps one model's body PSNR moved by up to
-3.9 dB between seeds, more than the models differ, and every model was 2.4-3.6 dB short of
-where 2400 steps take it (BENCHMARKS.md).
+Figures (:mod:`ctpa_vq.metrics`, :mod:`ctpa_vq.regions`): PSNR/SSIM in HU over -1024..2048 for
+the whole volume and over the body mask, mean absolute HU error over the body.
 
-    python benchmarks/quality.py --jobs 2 --threads 1   # the table in BENCHMARKS.md (about 25 min on 2 cores)
-    python benchmarks/quality.py --steps 20 --seeds 0 --methods trilinear vqgan3d-ema   # a quick look
+Every (method, seed, steps, threads) run is appended to ``--results`` (JSON lines) as it ends, and
+runs already there are not repeated: an interrupted table resumes, and a later call with more
+seeds adds to it. The tables are printed from everything in the file that matches the arguments.
+
+    python benchmarks/quality.py --jobs 2 --threads 1      # the table in BENCHMARKS.md
+    python benchmarks/quality.py --smoke                   # seconds: phantoms, 2 steps, every method (a test runs it)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import multiprocessing
 import os
 import sys
+import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Callable
 
@@ -67,30 +64,24 @@ import torch
 from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from real_ct import RealCTUnavailable, load_real_ct  # noqa: E402
+from real_ct import SPLIT, RealCTUnavailable, load_real_ct  # noqa: E402
 
 from ctpa_vq import VQGAN3D  # noqa: E402
+from ctpa_vq.data.phantom import make_phantom  # noqa: E402
 from ctpa_vq.intensity import DEFAULT_HU_WINDOW, hu_to_unit, unit_to_hu  # noqa: E402
-from ctpa_vq.metrics import ReconstructionMetrics, reconstruction_metrics  # noqa: E402
+from ctpa_vq.metrics import reconstruction_metrics  # noqa: E402
 from ctpa_vq.pipelines import CTPAReconstructionPipeline  # noqa: E402
-from ctpa_vq.regions import REGIONS, body_mask, region_labels  # noqa: E402
+from ctpa_vq.regions import body_mask, region_labels  # noqa: E402
 from ctpa_vq.training.losses import dense_weighted_l1, ssim_loss  # noqa: E402
 
 FACTOR = 4
 KL_WEIGHT = 1e-6
 DENSE_HU = 150.0  # --dense-weight applies from here up: contrast-enhanced vessels and bone
-LEARNED = ("vqgan3d-ema", "vqgan3d-fsq", "monai-vqvae", "monai-autoencoderkl")
+VQGAN_NORMS = {"vqgan3d-group": "group", "vqgan3d-none": "none", "vqgan3d-batch": "batch"}
+LEARNED = (*VQGAN_NORMS, "monai-vqvae", "monai-autoencoderkl")
 CLASSICAL = ("trilinear", "tricubic")
-
-
-@dataclass
-class Row:
-    method: str
-    params: int
-    train_s: float
-    infer_s: float
-    metrics: ReconstructionMetrics
-    seed: int | None = None  # None: a classical row, the same for every seed
+PLANNED = "planned"
+FIGURES = ("psnr", "ssim", "body_psnr", "body_ssim", "mae_body")
 
 
 def block_mean(hu: np.ndarray, factor: tuple[int, int, int]) -> np.ndarray:
@@ -108,30 +99,33 @@ def classical(hu: np.ndarray, order: int) -> np.ndarray:
     return ndimage.zoom(low, zoom, order=order, mode="nearest", grid_mode=True)
 
 
-def sample_patches(hu: np.ndarray, patch: tuple[int, int, int], count: int, rng: np.random.Generator) -> torch.Tensor:
-    """``count`` random patches ``(count, 1, *patch)`` in [-1, 1] whose centre lies in the body."""
-    body = body_mask(hu)
+def sample_patches(
+    volumes: list[np.ndarray], patch: tuple[int, int, int], count: int, rng: np.random.Generator
+) -> torch.Tensor:
+    """``count`` random patches ``(count, 1, *patch)`` in [-1, 1], each from a volume drawn at
+    random, whose centre lies in that volume's body."""
+    bodies = [body_mask(hu) for hu in volumes]
     patches = []
     while len(patches) < count:
+        index = int(rng.integers(len(volumes)))
+        hu = volumes[index]
         corner = [int(rng.integers(0, n - p + 1)) for n, p in zip(hu.shape, patch)]
-        if body[tuple(c + p // 2 for c, p in zip(corner, patch))]:
+        if bodies[index][tuple(c + p // 2 for c, p in zip(corner, patch))]:
             patches.append(hu[tuple(slice(c, c + p) for c, p in zip(corner, patch))])
     return torch.from_numpy(hu_to_unit(np.stack(patches))[:, None])
 
 
-def build(method: str, vqgan_codes: int = 4096, vqgan_commitment: float = 0.1) -> torch.nn.Module:
+def build(method: str, vqvae_codes: int = 256) -> torch.nn.Module:
     """The learned models at ~0.5 M parameters, 4x4x4 spatial compression."""
     from monai.networks.nets import VQVAE, AutoencoderKL
 
-    if method == "vqgan3d-ema":
-        return VQGAN3D.from_preset("tiny", num_vq_embeddings=vqgan_codes, commitment_weight=vqgan_commitment)
-    if method == "vqgan3d-fsq":
-        return VQGAN3D.from_preset("tiny", quantizer_type="fsq", vq_embed_dim=3, fsq_levels=(8, 6, 5))
+    if method in VQGAN_NORMS:
+        return VQGAN3D.from_preset("tiny", norm_type=VQGAN_NORMS[method])
     if method == "monai-vqvae":
         return VQVAE(
             spatial_dims=3, in_channels=1, out_channels=1, channels=(24, 48), num_res_layers=1,
             num_res_channels=(24, 48), downsample_parameters=((2, 4, 1, 1),) * 2,
-            upsample_parameters=((2, 4, 1, 1, 0),) * 2, num_embeddings=256, embedding_dim=8,
+            upsample_parameters=((2, 4, 1, 1, 0),) * 2, num_embeddings=vqvae_codes, embedding_dim=8,
         )  # fmt: skip
     if method == "monai-autoencoderkl":
         return AutoencoderKL(
@@ -151,7 +145,7 @@ def training_loss(
     method: str, model: torch.nn.Module, x: torch.Tensor, dense_weight: float = 1.0, ssim_weight: float = 0.0
 ) -> torch.Tensor:
     """(Weighted) L1 + ``ssim_weight * (1 - SSIM)`` in [-1, 1] (the recipe's losses) + the model's regulariser."""
-    if method.startswith("vqgan3d"):
+    if method in VQGAN_NORMS:
         out = model(x)
         reconstruction, regulariser = out.sample, out.commitment_loss
     elif method == "monai-vqvae":
@@ -166,7 +160,7 @@ def training_loss(
 
 def predictor(method: str, model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     """Patch -> reconstructed patch, both ``(B, 1, D, H, W)`` in [-1, 1]."""
-    if method.startswith("vqgan3d"):
+    if method in VQGAN_NORMS:
         return lambda x: model(x).sample
     if method == "monai-vqvae":
         return lambda x: model(x)[0]
@@ -178,6 +172,7 @@ def train(method: str, model: torch.nn.Module, patches: torch.Tensor, args) -> N
     lr = args.vqvae_lr if method == "monai-vqvae" else args.lr
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     warmup = max(1, args.steps // 20)
+
     def factor(step: int) -> float:
         return min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, args.steps) / args.steps))
 
@@ -195,173 +190,219 @@ def train(method: str, model: torch.nn.Module, patches: torch.Tensor, args) -> N
     model.eval()
 
 
+def _planner() -> CTPAReconstructionPipeline:
+    """A pipeline whose only use is its default grid planning (the model's weights do not matter)."""
+    pipeline = CTPAReconstructionPipeline(vqgan=VQGAN3D.from_preset("tiny"))
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
 @torch.no_grad()
-def sliding_window(method: str, model: torch.nn.Module, hu: np.ndarray, args) -> np.ndarray:
-    """Each patch through the whole model, blended in pixels with gaussian weights (MONAI)."""
+def reconstruct(method: str, model: torch.nn.Module, hu: np.ndarray, setting: str, overlap: float) -> np.ndarray:
+    """``hu`` ``(D, H, W)`` through ``model`` at inference ``setting`` (``DxHxW`` or ``planned``).
+
+    VQGAN3D: ``CTPAReconstructionPipeline`` (planned: its defaults). MONAI's models: MONAI's
+    ``sliding_window_inference`` with gaussian weights, on the planned grid's patch for ``planned``.
+    """
+    patch = None if setting == PLANNED else tuple(int(n) for n in setting.split("x"))
+    if method in VQGAN_NORMS:
+        pipeline = CTPAReconstructionPipeline(vqgan=model)
+        pipeline.set_progress_bar_config(disable=True)
+        return pipeline(hu, patch_size=patch, overlap=None if patch is None else overlap).reconstruction
     from monai.inferers import sliding_window_inference
 
+    if patch is None:
+        grid = _planner().patch_grid(hu.shape)
+        patch = grid.patch_size
+        overlap = max(1 - s / p for s, p in zip(grid.stride, grid.patch_size)) if len(grid) > 1 else 0.0
     unit = torch.from_numpy(hu_to_unit(hu))[None, None]
-    out = sliding_window_inference(
-        unit, tuple(args.infer_patch), 1, predictor(method, model), overlap=args.overlap, mode="gaussian"
-    )
+    out = sliding_window_inference(unit, patch, 1, predictor(method, model), overlap=overlap, mode="gaussian")
     return unit_to_hu(out[0, 0]).numpy()
 
 
-def pipeline_route(model: VQGAN3D, hu: np.ndarray, args) -> np.ndarray:
-    """The package's defaults: each patch encoded, quantised, decoded; decoded patches blended with linear ramps."""
-    pipeline = CTPAReconstructionPipeline(vqgan=model)
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline(hu, patch_size=tuple(args.infer_patch), overlap=args.overlap).reconstruction
+def figures(reconstruction: np.ndarray, hu: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    m = reconstruction_metrics(reconstruction, hu, DEFAULT_HU_WINDOW, labels=labels)
+    return dict(psnr=m.psnr, ssim=m.ssim, body_psnr=m.body_psnr, body_ssim=m.body_ssim, mae_body=m.mae["body"])
 
 
-def prepare(args) -> tuple[np.ndarray, np.ndarray]:
-    volumes = []
-    for name in ("lung1", "lung2"):
-        hu = load_real_ct(name).hu
-        if args.inplane > 1:
-            hu = block_mean(hu, (1, args.inplane, args.inplane))
-        volumes.append(hu.astype(np.float32))
-    return volumes[0], volumes[1]
+def run_key(method: str, seed: int | None, args) -> str:
+    """What makes two runs the same run: the method, its seed and every argument that changes the figures."""
+    if method in CLASSICAL:
+        return f"{method}|{args.pixel_mm}|{args.smoke}"
+    lr = args.vqvae_lr if method == "monai-vqvae" else args.lr
+    codes = f"|codes {args.vqvae_codes}" if method == "monai-vqvae" else ""
+    return (
+        f"{method}|seed {seed}|steps {args.steps}|threads {args.threads}|lr {lr}{codes}|patch {args.patch}"
+        f"|ssim {args.ssim_weight}|dense {args.dense_weight}|{args.pixel_mm}|{args.smoke}"
+    )
 
 
-def print_table(rows: list[Row], title: str) -> None:
-    names = " | ".join(f"MAE {r}" for r in REGIONS)
-    print(f"\n{title}\n| method | params | train s | infer s | PSNR | SSIM | body PSNR | body SSIM | MAE body | {names} |")
-    print("|" + "---|" * (9 + len(REGIONS)))
-    for row in rows:
-        m = row.metrics
-        maes = " | ".join(f"{m.mae[r]:.1f}" for r in REGIONS)
-        print(
-            f"| {row.method} | {row.params / 1e6:.2f} M | {row.train_s:.0f} | {row.infer_s:.0f} | {m.psnr:.2f} | "
-            f"{m.ssim:.4f} | {m.body_psnr:.2f} | {m.body_ssim:.4f} | {m.mae['body']:.1f} | {maes} |"
-        )
-    print("PSNR/SSIM in HU over -1024..2048 (whole volume, then body mask); MAE in HU per region (ctpa_vq.regions)")
-
-
-def seed_means(rows: list[Row]) -> list[Row]:
-    """One row per method, every figure averaged over its seeds, named with the range of its body PSNR."""
-    means = []
-    for method in dict.fromkeys(row.method for row in rows):
-        runs = [row for row in rows if row.method == method]
-        window = runs[0].metrics.window
-
-        def mean(figure: Callable[[ReconstructionMetrics], float]) -> float:
-            return float(np.mean([figure(run.metrics) for run in runs]))
-
-        metrics = ReconstructionMetrics(
-            mean(lambda m: m.psnr), mean(lambda m: m.ssim), window, mean(lambda m: m.body_psnr),
-            mean(lambda m: m.body_ssim), {name: mean(lambda m, name=name: m.mae[name]) for name in runs[0].metrics.mae},
-        )  # fmt: skip
-        body_psnrs = [run.metrics.body_psnr for run in runs]
-        label = method if len(runs) == 1 else f"{method} (body PSNR {min(body_psnrs):.2f}..{max(body_psnrs):.2f})"
-        train_s, infer_s = np.mean([run.train_s for run in runs]), np.mean([run.infer_s for run in runs])
-        means.append(Row(label, runs[0].params, float(train_s), float(infer_s), metrics))
-    return means
-
-
-def score(reconstruction: np.ndarray, test_hu: np.ndarray, labels: np.ndarray) -> ReconstructionMetrics:
-    return reconstruction_metrics(reconstruction, test_hu, DEFAULT_HU_WINDOW, labels=labels)
-
-
-def learned_rows(
-    method: str, seed: int, args, train_hu: np.ndarray, test_hu: np.ndarray, labels: np.ndarray
-) -> list[Row]:
-    """Train ``method`` on seed ``seed``'s patch sequence of ``train_hu`` and score each of its
-    routes on ``test_hu`` (region ``labels``).
-
-    One task of the run; with ``--jobs`` it runs in a worker process of its own.
-    """
-    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // args.jobs))
-    patches = sample_patches(train_hu, tuple(args.patch), args.steps * args.batch, np.random.default_rng(seed))
+def run(method: str, seed: int | None, args, volumes: dict, labels: dict) -> dict:
+    """Train ``method`` (seed ``seed``) on the train volumes and score every validation and test
+    volume at every inference setting; one JSON-able record. With ``--jobs`` it runs in a worker."""
+    record = dict(key=run_key(method, seed, args), method=method, seed=seed, steps=args.steps, threads=args.threads)
+    scored = {name: hu for part in ("validation", "test") for name, hu in volumes[part].items()}
+    if method in CLASSICAL:
+        order = 1 if method == "trilinear" else 3
+        record["figures"] = {
+            name: {setting: figures(classical(hu, order), hu, labels[name]) for setting in args.settings}
+            for name, hu in scored.items()
+        }
+        return record
+    torch.set_num_threads(args.threads)
+    rng = np.random.default_rng(seed)
+    patches = sample_patches(list(volumes["train"].values()), tuple(args.patch), args.steps * args.batch, rng)
     torch.manual_seed(seed)
-    model = build(method, args.vqgan_codes, args.vqgan_commitment)
-    params = sum(p.numel() for p in model.parameters())
+    model = build(method, args.vqvae_codes)
     start = time.perf_counter()
     train(method, model, patches, args)
-    train_s = time.perf_counter() - start
-    routes = [(method, lambda: sliding_window(method, model, test_hu, args))]
-    if method.startswith("vqgan3d"):
-        routes = [(method, lambda: pipeline_route(model, test_hu, args))]
-        if not args.no_monai_window:
-            routes.append((f"{method}-monai-window", lambda: sliding_window(method, model, test_hu, args)))
-    rows = []
-    for name, run in routes:
-        start = time.perf_counter()
-        reconstruction = run()
-        rows.append(Row(name, params, train_s, time.perf_counter() - start, score(reconstruction, test_hu, labels), seed))
-        print(f"seed {seed} {name}: {rows[-1].metrics}", flush=True)
-    return rows
+    record.update(params=sum(p.numel() for p in model.parameters()), train_s=time.perf_counter() - start)
+    record["figures"] = {
+        name: {setting: figures(reconstruct(method, model, hu, setting, args.overlap), hu, labels[name])
+               for setting in args.settings}
+        for name, hu in scored.items()
+    }  # fmt: skip
+    print(f"{method} seed {seed}: trained in {record['train_s']:.0f} s", flush=True)
+    return record
 
 
-def main() -> None:
+def prepare(args) -> dict[str, dict[str, np.ndarray]]:
+    """``{part: {name: (D, H, W) float32 HU}}``: the real split, or small phantoms with ``--smoke``."""
+    if args.smoke:
+        return {
+            part: {f"phantom{2 * i + j}": make_phantom((24, 32, 32), seed=2 * i + j).astype(np.float32) for j in range(2)}
+            for i, part in enumerate(SPLIT)
+        }
+    volumes = {}
+    for part, names in SPLIT.items():
+        volumes[part] = {}
+        for name in names:
+            volume = load_real_ct(name)
+            inplane = max(1, round(args.pixel_mm / volume.spacing[1]))
+            volumes[part][name] = block_mean(volume.hu, (1, inplane, inplane))
+    return volumes
+
+
+def load_records(path: Path) -> dict[str, dict]:
+    if not path.is_file():
+        return {}
+    return {record["key"]: record for record in map(json.loads, path.read_text().splitlines()) if record}
+
+
+def mean_over(record: dict, names: tuple[str, ...], setting: str, figure: str) -> float:
+    return float(np.mean([record["figures"][name][setting][figure] for name in names]))
+
+
+def tables(records: list[dict], volumes: dict, settings: list[str]) -> str:
+    """The validation table (every setting), the choice per method, and the test table."""
+    validation, test = tuple(volumes["validation"]), tuple(volumes["test"])
+    methods = list(dict.fromkeys(r["method"] for r in records))
+    lines = [
+        f"validation ({', '.join(validation)}): body PSNR (dB), mean over the volumes; mean over seeds [range]",
+        "| method | seeds | " + " | ".join(settings) + " |",
+        "|---|---|" + "---|" * len(settings),
+    ]
+    best = {}
+    for method in methods:
+        runs = [r for r in records if r["method"] == method]
+        cells, means = [], {}
+        for setting in settings:
+            values = [mean_over(r, validation, setting, "body_psnr") for r in runs]
+            means[setting] = float(np.mean(values))
+            cells.append(f"{means[setting]:.2f} [{min(values):.2f}..{max(values):.2f}]")
+        best[method] = max(settings, key=means.__getitem__)
+        lines.append(f"| {method} | {len(runs)} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"test ({', '.join(test)}): each figure the mean over the volumes; mean over seeds [range of body PSNR]",
+        "| method | inference | seeds | params | train s/step | PSNR | SSIM | body PSNR | body SSIM | MAE body HU |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for method in methods:
+        runs = [r for r in records if r["method"] == method]
+        for label, setting in ((f"best on validation: {best[method]}", best[method]), ("pipeline default", PLANNED)):
+            if setting not in settings or (method in CLASSICAL and setting != best[method]):
+                continue
+            per_run = {f: [mean_over(r, test, setting, f) for r in runs] for f in FIGURES}
+            body = per_run["body_psnr"]
+            step_s = f"{np.mean([r['train_s'] / r['steps'] for r in runs]):.3f}" if "train_s" in runs[0] else "-"
+            params = f"{runs[0]['params'] / 1e6:.2f} M" if "params" in runs[0] else "-"
+            lines.append(
+                f"| {method} | {'-' if method in CLASSICAL else label} | {len(runs)} | {params} | {step_s} | "
+                f"{np.mean(per_run['psnr']):.2f} | {np.mean(per_run['ssim']):.4f} | "
+                f"{np.mean(body):.2f} [{min(body):.2f}..{max(body):.2f}] | {np.mean(per_run['body_ssim']):.4f} | "
+                f"{np.mean(per_run['mae_body']):.1f} |"
+            )
+    lines += [
+        "",
+        f"test body PSNR (dB) per inference setting, mean over seeds; the spread is max - min over the settings",
+        "| method | " + " | ".join(settings) + " | spread |",
+        "|---|" + "---|" * (len(settings) + 1),
+    ]
+    for method in (m for m in methods if m not in CLASSICAL):
+        runs = [r for r in records if r["method"] == method]
+        values = [float(np.mean([mean_over(r, test, s, "body_psnr") for r in runs])) for s in settings]
+        lines.append(f"| {method} | " + " | ".join(f"{v:.2f}" for v in values) + f" | {max(values) - min(values):.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", nargs="+", default=[*CLASSICAL, *LEARNED], choices=[*CLASSICAL, *LEARNED])
+    parser.add_argument("--methods", nargs="+", default=["tricubic", *LEARNED], choices=[*CLASSICAL, *LEARNED])
     parser.add_argument("--steps", type=int, default=2400)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--vqvae-lr", type=float, default=1e-3, help="MONAI VQVAE's (its codebook collapses at 2e-3)")
+    parser.add_argument("--vqvae-codes", type=int, default=256, help="VQVAE codes (256: VQGAN3D tiny's 8 bits)")
     parser.add_argument("--dense-weight", type=float, default=1.0, help="L1 weight of voxels >= 150 HU (1: plain L1)")
-    parser.add_argument(
-        "--ssim-weight", type=float, default=0.5, help="weight of 1 - SSIM (3D) added to every model's L1 (0: L1 only)"
-    )
-    parser.add_argument("--vqgan-codes", type=int, default=4096, help="EMA codebook size of the vqgan3d-ema row")
-    parser.add_argument(
-        "--vqgan-commitment", type=float, default=0.1,
-        help="commitment weight of the vqgan3d-ema row (the package default 0.25: 0.13 dB lower, BENCHMARKS.md)",
-    )  # fmt: skip
+    parser.add_argument("--ssim-weight", type=float, default=0.5, help="weight of 1 - SSIM (3D) added to the L1")
     parser.add_argument("--patch", type=int, nargs=3, default=[16, 32, 32], help="training patch (D, H, W)")
     parser.add_argument(
-        "--infer-patch", type=int, nargs=3, default=None, help="inference patch (D, H, W); default: the training patch"
-    )
-    parser.add_argument("--overlap", type=float, default=0.25)
-    parser.add_argument("--inplane", type=int, default=4, help="block-average this factor in-plane first (1: none)")
-    parser.add_argument("--no-monai-window", action="store_true", help="skip VQGAN3D through MONAI's sliding window")
-    parser.add_argument(
-        "--seeds", type=int, nargs="+", default=[0, 1, 2], help="one training run per seed (patch sequence and initialisation); "
-        "with several, a table per seed and one of the means"
-    )
-    parser.add_argument(
-        "--jobs", type=int, default=1, help="train this many (method, seed) runs at once, each in its own process"
-    )
-    parser.add_argument(
-        "--threads", type=int, default=None,
-        help="torch threads per run (default: the cores shared out over --jobs; 1 on a shared machine, where "
-        "oversubscribed OpenMP spins)",
+        "--settings", nargs="+", default=["16x32x32", "32x64x64", PLANNED],
+        help="inference settings: patches DxHxW (overlap --overlap) and/or 'planned' (the pipeline's default grid)",
     )  # fmt: skip
-    args = parser.parse_args()
-    args.infer_patch = args.infer_patch or args.patch
+    parser.add_argument("--overlap", type=float, default=0.25, help="overlap of explicit inference patches")
+    parser.add_argument("--pixel-mm", type=float, default=2.3, help="block-average in-plane to pixels near this size")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one training run per seed")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own process")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run (part of a run's identity)")
+    parser.add_argument("--results", type=Path, default=Path("quality-results.jsonl"), help="JSON lines, appended")
+    parser.add_argument("--smoke", action="store_true", help="seconds: small phantoms for volumes, seed 0, 2 steps, small patches")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.steps, args.seeds, args.patch, args.settings = 2, [0], [12, 16, 16], ["12x16x16", PLANNED]
+        if args.results == parser.get_default("results"):
+            args.results = Path(tempfile.mkdtemp()) / "quality-smoke.jsonl"
 
     try:
-        train_hu, test_hu = prepare(args)
+        volumes = prepare(args)
     except RealCTUnavailable as err:
         sys.exit(str(err))
-    labels = region_labels(test_hu)
-    counts = np.bincount(labels.ravel(), minlength=len(REGIONS) + 1)
-    print(
-        f"train lung1 {train_hu.shape}, test lung2 {test_hu.shape} (in-plane /{args.inplane}); lung2 voxels: "
-        + ", ".join(f"{r} {c}" for r, c in zip(("outside", *REGIONS), counts)),
-        flush=True,
-    )
+    labels = {name: region_labels(hu) for part in ("validation", "test") for name, hu in volumes[part].items()}
+    for part, named in volumes.items():
+        print(f"{part}: " + ", ".join(f"{name} {hu.shape}" for name, hu in named.items()), flush=True)
 
-    rows: list[Row] = []
-    for method in (m for m in args.methods if m in CLASSICAL):
-        start = time.perf_counter()
-        reconstruction = classical(test_hu, order=1 if method == "trilinear" else 3)
-        rows.append(Row(method, 0, 0.0, time.perf_counter() - start, score(reconstruction, test_hu, labels)))
-        print(f"{method}: {rows[-1].metrics}", flush=True)
-    tasks = [(method, seed) for seed in args.seeds for method in args.methods if method not in CLASSICAL]
-    if args.jobs > 1 and tasks:
+    done = load_records(args.results)
+    tasks = [(m, None) for m in args.methods if m in CLASSICAL]
+    tasks += [(m, seed) for seed in args.seeds for m in args.methods if m not in CLASSICAL]
+    todo = [(m, seed) for m, seed in tasks if run_key(m, seed, args) not in done]
+    print(f"{len(tasks) - len(todo)} of {len(tasks)} runs already in {args.results}", flush=True)
+
+    def keep(record: dict) -> None:
+        done[record["key"]] = record
+        with args.results.open("a") as f:  # one line per finished run: an interrupted table resumes
+            f.write(json.dumps(record) + "\n")
+
+    if args.jobs > 1 and len(todo) > 1:
         with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            data = [[value] * len(tasks) for value in (args, train_hu, test_hu, labels)]
-            done = list(pool.map(learned_rows, *zip(*tasks), *data))
+            for future in as_completed([pool.submit(run, m, seed, args, volumes, labels) for m, seed in todo]):
+                keep(future.result())
     else:
-        done = [learned_rows(method, seed, args, train_hu, test_hu, labels) for method, seed in tasks]
-    rows += [row for task_rows in done for row in task_rows]
-    classical_rows = [row for row in rows if row.seed is None]
-    for seed in args.seeds:
-        print_table(classical_rows + [row for row in rows if row.seed == seed], f"seed {seed}, inference patch {args.infer_patch}")
-    if len(args.seeds) > 1:
-        print_table(seed_means(rows), f"mean of seeds {args.seeds} (the range of body PSNR in brackets)")
+        for m, seed in todo:
+            keep(run(m, seed, args, volumes, labels))
+    report = tables([done[run_key(m, seed, args)] for m, seed in tasks], volumes, args.settings)
+    print("\n" + report)
+    return report
 
 
 if __name__ == "__main__":

@@ -1,4 +1,16 @@
-"""3D convolutional encoder and decoder built from GroupNorm ResBlocks.
+"""3D convolutional encoder and decoder built from ResBlocks with a choice of normalisation.
+
+`norm_type` (see `NORM_TYPES`):
+
+- ``"group"``: GroupNorm over each input's own content. The output of a patch then depends on
+  the statistics of the whole patch, so the same voxel reconstructs differently in different
+  inference patches (BENCHMARKS.md, "quality").
+- ``"none"``: no normalisation; each ResBlock adds its residual branch times a learned scalar
+  that starts at 0 (SkipInit, De & Smith 2020), which keeps the deep stack trainable at the
+  recipe's learning rate. Every output voxel depends on its receptive field only, so inference
+  is independent of the patch (up to the zero padding at patch borders, which blending hides).
+- ``"batch"``: BatchNorm: per-channel statistics of the training batch, their running averages
+  at inference, which then does not depend on the patch either.
 
 Downsampling is per axis: stage ``i`` halves an axis only while that axis still has a factor
 of 2 left, so ``downsample_factor=(2, 4, 4)`` keeps more slices than in-plane resolution.
@@ -14,6 +26,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 Triple = tuple[int, int, int]
+NORM_TYPES = ("group", "none", "batch")
+
+
+def norm_layer(norm_type: str, num_groups: int, channels: int) -> nn.Module:
+    """The normalisation of `norm_type` over `channels` (an identity for ``"none"``)."""
+    if norm_type == "group":
+        return nn.GroupNorm(num_groups, channels, eps=1e-6)
+    if norm_type == "none":
+        return nn.Identity()
+    if norm_type == "batch":
+        return nn.BatchNorm3d(channels, eps=1e-6)
+    raise ValueError(f"norm_type must be one of {NORM_TYPES}, got {norm_type!r}")
 
 MAX_UPSAMPLE_ELEMENTS = 2**31 - 1
 """The most elements one ``F.interpolate`` call produces: before torch 2.7, CUDA's
@@ -40,20 +64,25 @@ def stage_strides(downsample_factor: Sequence[int], num_stages: int) -> list[Tri
 
 
 class ResBlock3D(nn.Module):
-    """GroupNorm -> SiLU -> Conv3d, twice, plus a (1x1x1-projected) skip connection."""
+    """Norm -> SiLU -> Conv3d, twice, plus a (1x1x1-projected) skip connection.
 
-    def __init__(self, in_channels: int, out_channels: int, norm_num_groups: int):
+    With ``norm_type="none"`` the residual branch is scaled by a learned scalar `residual_scale`
+    initialised to 0, so the block starts as its skip connection.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, norm_num_groups: int, norm_type: str = "group"):
         super().__init__()
-        self.norm1 = nn.GroupNorm(norm_num_groups, in_channels, eps=1e-6)
+        self.norm1 = norm_layer(norm_type, norm_num_groups, in_channels)
         self.conv1 = nn.Conv3d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = nn.GroupNorm(norm_num_groups, out_channels, eps=1e-6)
+        self.norm2 = norm_layer(norm_type, norm_num_groups, out_channels)
         self.conv2 = nn.Conv3d(out_channels, out_channels, 3, padding=1)
         self.skip = nn.Conv3d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+        self.residual_scale = nn.Parameter(torch.zeros(())) if norm_type == "none" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
         h = self.conv2(F.silu(self.norm2(h)))
-        return self.skip(x) + h
+        return self.skip(x) + (h if self.residual_scale is None else self.residual_scale * h)
 
 
 class Downsample3D(nn.Module):
@@ -126,6 +155,7 @@ class Encoder3D(_CheckpointedStack):
         layers_per_block: int,
         strides: Sequence[Triple],
         norm_num_groups: int,
+        norm_type: str = "group",
     ):
         super().__init__()
         self.conv_in = nn.Conv3d(in_channels, block_out_channels[0], 3, padding=1)
@@ -134,14 +164,14 @@ class Encoder3D(_CheckpointedStack):
         for level, width in enumerate(block_out_channels):
             layers: list[nn.Module] = []
             for _ in range(layers_per_block):
-                layers.append(ResBlock3D(channels, width, norm_num_groups))
+                layers.append(ResBlock3D(channels, width, norm_num_groups, norm_type))
                 channels = width
             if level < len(strides):
                 layers.append(Downsample3D(channels, strides[level]))
             stages.append(nn.Sequential(*layers))
-        stages.append(nn.Sequential(*(ResBlock3D(channels, channels, norm_num_groups) for _ in range(2))))
+        stages.append(nn.Sequential(*(ResBlock3D(channels, channels, norm_num_groups, norm_type) for _ in range(2))))
         self.stages = nn.ModuleList(stages)
-        self.norm_out = nn.GroupNorm(norm_num_groups, channels, eps=1e-6)
+        self.norm_out = norm_layer(norm_type, norm_num_groups, channels)
         self.conv_out = nn.Conv3d(channels, out_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -160,23 +190,24 @@ class Decoder3D(_CheckpointedStack):
         layers_per_block: int,
         strides: Sequence[Triple],
         norm_num_groups: int,
+        norm_type: str = "group",
     ):
         super().__init__()
         widths = list(reversed(block_out_channels))
         channels = widths[0]
         self.conv_in = nn.Conv3d(in_channels, channels, 3, padding=1)
-        stages = [nn.Sequential(*(ResBlock3D(channels, channels, norm_num_groups) for _ in range(2)))]
+        stages = [nn.Sequential(*(ResBlock3D(channels, channels, norm_num_groups, norm_type) for _ in range(2)))]
         up_strides = list(reversed(strides))
         for level, width in enumerate(widths):
             layers: list[nn.Module] = []
             for _ in range(layers_per_block + 1):
-                layers.append(ResBlock3D(channels, width, norm_num_groups))
+                layers.append(ResBlock3D(channels, width, norm_num_groups, norm_type))
                 channels = width
             if level < len(up_strides):
                 layers.append(Upsample3D(channels, up_strides[level]))
             stages.append(nn.Sequential(*layers))
         self.stages = nn.ModuleList(stages)
-        self.norm_out = nn.GroupNorm(norm_num_groups, channels, eps=1e-6)
+        self.norm_out = norm_layer(norm_type, norm_num_groups, channels)
         self.conv_out = nn.Conv3d(channels, out_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:

@@ -61,6 +61,11 @@ class VQGAN3D(ModelMixin, ConfigMixin):
         commitment_weight / ema_decay / dead_code_threshold: EMA quantizer settings; the threshold
             is a share in [0, 1) of the mean code count (see `EMAVectorQuantizer`).
         norm_num_groups: GroupNorm groups.
+        norm_type: the encoder's and decoder's normalisation, one of `NORM_TYPES` (`blocks.py`):
+            `"group"` (GroupNorm over each patch; configs saved before this option load as it),
+            `"none"` (no normalisation, zero-initialised residual scales) or `"batch"` (BatchNorm,
+            running statistics at inference); with the last two a voxel's reconstruction does
+            not depend on the rest of the inference patch.
         hu_window: (low, high) HU mapped to [-1, 1]; how outputs turn back into HU.
         latents_mean / latents_std: per-channel statistics of the continuous latents that a
             downstream diffusion model should standardise with (see `scale_latents`); `None`
@@ -97,6 +102,7 @@ class VQGAN3D(ModelMixin, ConfigMixin):
         ema_decay: float = 0.99,
         dead_code_threshold: float = 0.05,
         norm_num_groups: int = 8,
+        norm_type: str = "group",
         hu_window: Sequence[float] = DEFAULT_HU_WINDOW,
         latents_mean: Sequence[float] | None = None,
         latents_std: Sequence[float] | None = None,
@@ -106,7 +112,7 @@ class VQGAN3D(ModelMixin, ConfigMixin):
         super().__init__()
         strides = stage_strides(downsample_factor, len(block_out_channels) - 1)
         self.encoder = Encoder3D(
-            in_channels, latent_channels, block_out_channels, layers_per_block, strides, norm_num_groups
+            in_channels, latent_channels, block_out_channels, layers_per_block, strides, norm_num_groups, norm_type
         )
         self.quant_conv = nn.Conv3d(latent_channels, vq_embed_dim, 1)
         if quantizer_type == "ema":
@@ -130,7 +136,7 @@ class VQGAN3D(ModelMixin, ConfigMixin):
             raise ValueError(f"quantizer_type must be 'ema' or 'fsq', got {quantizer_type!r}")
         self.post_quant_conv = nn.Conv3d(vq_embed_dim, latent_channels, 1)
         self.decoder = Decoder3D(
-            latent_channels, out_channels, block_out_channels, layers_per_block, strides, norm_num_groups
+            latent_channels, out_channels, block_out_channels, layers_per_block, strides, norm_num_groups, norm_type
         )
 
     @classmethod
