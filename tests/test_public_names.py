@@ -72,9 +72,9 @@ REFERENCED = _referenced_names()
 
 
 def test_the_scan_finds_the_documented_names():
-    """The scan itself works: the README's own snippet and a wrapped reference are among its finds."""
+    """The scan itself works: the docs' own snippet and a wrapped reference are among its finds."""
     assert {"ctpa_vq.VQGAN3D", "ctpa_vq.CTPAReconstructionPipeline"} <= REFERENCED.keys()
-    assert "README.md" in REFERENCED["ctpa_vq.CTPAReconstructionPipeline"]
+    assert "docs/inference.md" in REFERENCED["ctpa_vq.CTPAReconstructionPipeline"]
     assert "ctpa_vq.allocator.keep_freed_memory" in REFERENCED
     assert len(REFERENCED) > 40
 
