@@ -8,13 +8,22 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import quality  # noqa: E402
 
 
+@pytest.fixture
+def keep_thread_count():
+    """`quality.main` sets the process's torch thread count (`--threads`): give it back after."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.slow  # ~20 s on two idle cores
-def test_smoke_run_tables_every_method_and_resumes(tmp_path, capsys):
+def test_smoke_run_tables_every_method_and_resumes(tmp_path, capsys, keep_thread_count):
     results = tmp_path / "results.jsonl"
     report = quality.main(["--smoke", "--results", str(results)])
     records = [json.loads(line) for line in results.read_text().splitlines()]

@@ -25,7 +25,9 @@ from lean_site import lean_site
 # What the README promises a downstream user needs to load a pushed pipeline with diffusers alone.
 LEAN_REQUIREMENTS = ["torch", "diffusers", "numpy", "nibabel"]
 # The subprocess's float sums follow its thread count: the same as here, for bit-equal outputs.
-SAME_THREADS = {"OMP_NUM_THREADS": str(torch.get_num_threads())}
+def same_threads() -> dict[str, str]:
+    """The subprocess's thread count: this process's now (the same float sum order)."""
+    return {"OMP_NUM_THREADS": str(torch.get_num_threads())}
 LEAN_PYTHON = [sys.executable, "-S"]  # -S: not this venv's site-packages (nor its .pth files), only PYTHONPATH
 
 # A meta path finder that makes `import ctpa_vq` fail, for subprocesses that must run without it
@@ -128,7 +130,7 @@ def test_saved_pipeline_with_bundled_code_loads_without_ctpa_vq(tmp_path):
         assert not [m for m in sys.modules if m.split(".")[0] == "ctpa_vq"]
         print(type(pipe).__module__, type(pipe.vqgan).__module__)
     """)
-    env = {"PATH": "/usr/bin:/bin", "HF_HOME": str(tmp_path / "hf_home"), **SAME_THREADS}
+    env = {"PATH": "/usr/bin:/bin", "HF_HOME": str(tmp_path / "hf_home"), **same_threads()}
     run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert run.stdout.split() == ["diffusers_modules.local.pipeline_ctpa", "diffusers_modules.local.modeling_vqgan3d"]
@@ -142,7 +144,7 @@ def test_saved_pipeline_with_bundled_code_loads_without_ctpa_vq(tmp_path):
 def lean_env(site: Path, tmp_path: Path, **extra: str) -> dict[str, str]:
     """The environment of `LEAN_PYTHON` seeing only `site` (a `lean_site`)."""
     return {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(site), "HF_HOME": str(tmp_path / "hf_home"),
-            **SAME_THREADS, **extra}
+            **same_threads(), **extra}
 
 
 @pytest.mark.slow
