@@ -220,9 +220,12 @@ def test_k_micro_batches_accumulate_to_one_batch_of_k(prepared, tmp_path):
     accumulated = _grads_at_step(small, [x[i : i + 1] for i in range(4)])
     assert one_batch.keys() == accumulated.keys() and len(one_batch) > 10
     for name in one_batch:
-        # float32 summation order differs (one batch of 4 vs 4 of 1): about 1e-7 of |grad| max
+        # float32 summation order differs (one batch of 4 vs 4 of 1). Without normalisation (the
+        # presets' default) the gradients are sums of L1 sign terms that nearly cancel: the
+        # difference reaches 1.5e-4 of |grad| max (it was 1e-7 with GroupNorm). A wrong scaling of
+        # the micro-batches (a missed 1/k, a dropped micro-batch) is 25% or more.
         scale = float(one_batch[name].abs().max())
-        torch.testing.assert_close(accumulated[name], one_batch[name], rtol=1e-3, atol=1e-5 * scale, msg=name)
+        torch.testing.assert_close(accumulated[name], one_batch[name], rtol=1e-3, atol=1e-3 * scale, msg=name)
 
 
 # ------------------------------------------------------------------------------ the GAN stage
