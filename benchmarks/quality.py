@@ -71,6 +71,7 @@ from ctpa_vq.data.phantom import make_phantom  # noqa: E402
 from ctpa_vq.intensity import DEFAULT_HU_WINDOW, hu_to_unit, unit_to_hu  # noqa: E402
 from ctpa_vq.metrics import reconstruction_metrics  # noqa: E402
 from ctpa_vq.pipelines import CTPAReconstructionPipeline  # noqa: E402
+from ctpa_vq.pipelines.reconstruction import PLANNED  # noqa: E402
 from ctpa_vq.regions import body_mask, region_labels  # noqa: E402
 from ctpa_vq.training.losses import dense_weighted_l1, ssim_loss  # noqa: E402
 
@@ -80,7 +81,7 @@ DENSE_HU = 150.0  # --dense-weight applies from here up: contrast-enhanced vesse
 VQGAN_NORMS = {"vqgan3d-group": "group", "vqgan3d-none": "none", "vqgan3d-batch": "batch"}
 LEARNED = (*VQGAN_NORMS, "monai-vqvae", "monai-autoencoderkl")
 CLASSICAL = ("trilinear", "tricubic")
-PLANNED = "planned"
+
 FIGURES = ("psnr", "ssim", "body_psnr", "body_ssim", "mae_body")
 
 
@@ -208,7 +209,7 @@ def reconstruct(method: str, model: torch.nn.Module, hu: np.ndarray, setting: st
     if method in VQGAN_NORMS:
         pipeline = CTPAReconstructionPipeline(vqgan=model)
         pipeline.set_progress_bar_config(disable=True)
-        return pipeline(hu, patch_size=patch, overlap=None if patch is None else overlap).reconstruction
+        return pipeline(hu, patch_size=patch or PLANNED, overlap=None if patch is None else overlap).reconstruction
     from monai.inferers import sliding_window_inference
 
     if patch is None:
