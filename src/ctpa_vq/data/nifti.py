@@ -27,7 +27,8 @@ from ..atomic import atomic_path
 _INT16 = np.iinfo(np.int16)
 _DECOMPRESSION_ERRORS = (EOFError, OSError, zlib.error, isal_zlib.error, ValueError)
 """What reading a truncated or corrupt (gzipped) file raises: nibabel's, zlib's and ISA-L's errors."""
-_RAS = orientations.axcodes2ornt(("R", "A", "S"))
+RAS = orientations.axcodes2ornt(("R", "A", "S"))
+"""The canonical orientation (nibabel's `(3, 2)` form): the axes point to the right, anterior, superior."""
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 """DICOM / ITK patient coordinates (LPS) -> NIfTI's RAS: a 4x4 affine applied on the left."""
 
@@ -72,7 +73,7 @@ class CTVolume:
         """Map a canonical (D, H, W) array back to the source file's (i, j, k) voxel layout."""
         if tuple(hu.shape) != self.shape:
             raise ValueError(f"{self.name}: array shape {tuple(hu.shape)} != volume shape {self.shape}")
-        canonical_to_source = orientations.ornt_transform(_RAS, self.source_orientation)
+        canonical_to_source = orientations.ornt_transform(RAS, self.source_orientation)
         return orientations.apply_orientation(hu.transpose(2, 1, 0), canonical_to_source)
 
 
