@@ -69,7 +69,7 @@ def test_bundles_import_nothing_of_the_package():
         assert imported <= {"__future__", "os", "zlib", "tempfile", "contextlib", "dataclasses", "pathlib", "typing",
                             "functools", "shutil", "logging", "json", "warnings",
                             "math", "itertools", "fractions", "numpy", "torch", "nibabel", "diffusers",
-                            "huggingface_hub", *CLINICAL_EXTRA}, imported
+                            "huggingface_hub", "isal", *CLINICAL_EXTRA}, imported  # isal: guarded, optional
         # DICOM series and NRRD paths need the `clinical` extra only when one is read, as in the package
         assert not _imported_packages(bundle_module(entry), top_level_only=True) & CLINICAL_EXTRA, entry
 

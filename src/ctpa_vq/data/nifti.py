@@ -19,13 +19,16 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from isal import igzip, isal_zlib
 from nibabel import orientations
 
 from ..atomic import atomic_path
 
 _INT16 = np.iinfo(np.int16)
-_DECOMPRESSION_ERRORS = (EOFError, OSError, zlib.error, isal_zlib.error, ValueError)
+try:  # ISA-L's gzip decoder: twice zlib's speed on .nii.gz (a dependency; a bundled remote-code copy may lack it)
+    from isal import igzip, isal_zlib
+except ImportError:
+    igzip = isal_zlib = None
+_DECOMPRESSION_ERRORS = (EOFError, OSError, zlib.error, ValueError, *((isal_zlib.error,) if isal_zlib else ()))
 """What reading a truncated or corrupt (gzipped) file raises: nibabel's, zlib's and ISA-L's errors."""
 RAS = orientations.axcodes2ornt(("R", "A", "S"))
 """The canonical orientation (nibabel's `(3, 2)` form): the axes point to the right, anterior, superior."""
@@ -94,10 +97,9 @@ def load_ct(path: str | os.PathLike) -> CTVolume:
         raise CTFileError(path, f"not a readable NIfTI file ({err})") from err
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise CTFileError(path, f"is a {type(img).__name__}, expected NIfTI")
-    if not path.name.endswith(".gz"):
+    if igzip is None or not path.name.endswith(".gz"):
         return ct_from_image(img, str(path))
-    # ISA-L's gzip decoder streams the voxels twice as fast as zlib's, which nibabel uses
-    with igzip.open(path, "rb") as stream:
+    with igzip.open(path, "rb") as stream:  # the voxels through ISA-L, not nibabel's zlib
         try:
             img = type(img).from_stream(stream)
         except _DECOMPRESSION_ERRORS as err:  # the header read: the rest of the file is bad
