@@ -105,7 +105,7 @@ def _child(method: str, shape) -> dict:
     model = pipeline.vqgan
     hu = make_phantom(shape, seed=7)
     if method in ("floor", "planned"):
-        from ctpa_vq.allocator import keep_freed_memory
+        from ctpa_vq.utils.allocator import keep_freed_memory
 
         keep_freed_memory()
     usage = resource.getrusage(resource.RUSAGE_SELF)

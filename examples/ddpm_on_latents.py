@@ -38,12 +38,12 @@ from diffusers import DDPMScheduler, UNet3DConditionModel
 from tqdm.auto import tqdm
 
 from ctpa_vq import VQGAN3D
-from ctpa_vq.atomic import atomic_path
 from ctpa_vq.data.phantom import make_phantom, write_phantom_dir
 from ctpa_vq.encode import encode_dataset, latents_as_tensor, load_encoded
 from ctpa_vq.latent_stats import compute_latent_stats, write_latent_stats
 from ctpa_vq.model_source import resolve_model
 from ctpa_vq.pipelines import CTPAReconstructionPipeline
+from ctpa_vq.utils.atomic import atomic_path
 
 CROSS_ATTENTION_DIM = 16
 

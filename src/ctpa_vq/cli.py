@@ -520,7 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .allocator import keep_freed_memory
+    from .utils.allocator import keep_freed_memory
 
     args = build_parser().parse_args(argv)
     keep_freed_memory()  # this process is ours: reuse freed activations instead of re-faulting them

@@ -40,8 +40,8 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
-from .atomic import atomic_path
 from .data.nifti import CTFileError
+from .utils.atomic import atomic_path
 
 SHARD_GLOB = "shard-*.parquet"
 INFO_FILE = "encode_info.json"
@@ -190,7 +190,7 @@ def _row(source: VolumeToEncode, hu, spacing, affine, latents: torch.Tensor, sca
 
 class _ShardWriter:
     """Row groups into a temporary file beside `shard-<name>.parquet`, renamed into place
-    (`ctpa_vq.atomic.atomic_path`: flushed to disk, then renamed) when full or closed."""
+    (`ctpa_vq.utils.atomic.atomic_path`: flushed to disk, then renamed) when full or closed."""
 
     def __init__(self, data_dir: Path, rank: int, volumes_per_shard: int) -> None:
         self.data_dir, self.rank, self.capacity = data_dir, rank, volumes_per_shard

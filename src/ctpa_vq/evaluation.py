@@ -14,7 +14,6 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from .atomic import atomic_path
 from .data.patch_dataset import VolumeStore
 from .data.volume_io import input_volumes
 from .intensity import clipped_fraction
@@ -22,6 +21,7 @@ from .metrics import reconstruction_metrics
 from .pipelines import CTPAReconstructionOutput, CTPAReconstructionPipeline
 from .regions import REGIONS
 from .spacing import TargetSpacing, reconstruct_at
+from .utils.atomic import atomic_path
 
 
 @dataclass

@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .atomic import atomic_path
 from .data.dicom import SkippedSeries
 from .data.volume_io import input_volumes
 from .model_source import local_model
+from .utils.atomic import atomic_path
 
 
 @dataclass
@@ -85,7 +85,7 @@ def compute_latent_stats(
 def write_latent_stats(model, stats: LatentStats, model_path: str | Path) -> None:
     """Set `latents_mean` / `latents_std` on `model` and rewrite `model_path/config.json` atomically.
 
-    The weights do not change, so only the config is rewritten (`ctpa_vq.atomic.atomic_path`):
+    The weights do not change, so only the config is rewritten (`ctpa_vq.utils.atomic.atomic_path`):
     a crash leaves either the old or the new config.
     """
     config_path = Path(model_path) / "config.json"

@@ -21,7 +21,7 @@ import nibabel as nib
 import numpy as np
 from nibabel import orientations
 
-from ..atomic import atomic_path
+from ..utils.atomic import atomic_path
 
 _INT16 = np.iinfo(np.int16)
 _RAS = orientations.axcodes2ornt(("R", "A", "S"))
