@@ -41,8 +41,8 @@ from real_ct import REAL_CT_NAMES, RealCTUnavailable, load_real_ct  # noqa: E402
 import ctpa_vq.data.phantom as new_phantom  # noqa: E402
 from ctpa_vq import VQGAN3D  # noqa: E402
 from ctpa_vq.data.prepare import prepare_dataset  # noqa: E402
-from ctpa_vq.intensity import DEFAULT_HU_WINDOW  # noqa: E402
 from ctpa_vq.metrics import reconstruction_metrics  # noqa: E402
+from ctpa_vq.models.intensity import DEFAULT_HU_WINDOW  # noqa: E402
 from ctpa_vq.pipelines import CTPAReconstructionPipeline  # noqa: E402
 from ctpa_vq.training import load_config, train  # noqa: E402
 

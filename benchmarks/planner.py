@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from trained_tiny import PATCH as TRAINING_PATCH, trained_tiny  # noqa: E402
 
 from ctpa_vq.data.phantom import make_phantom  # noqa: E402
-from ctpa_vq.intensity import hu_to_unit  # noqa: E402
+from ctpa_vq.models.intensity import hu_to_unit  # noqa: E402
 from ctpa_vq.patching import PatchGrid, PatchStitcher, plan_grid  # noqa: E402
 from ctpa_vq.pipelines import CTPAReconstructionPipeline  # noqa: E402
 from ctpa_vq.pipelines.reconstruction import DEFAULT_MAX_PATCH_VOXELS  # noqa: E402

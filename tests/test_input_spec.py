@@ -15,7 +15,7 @@ import torch
 from ctpa_vq import VQGAN3D
 from ctpa_vq.cli import main
 from ctpa_vq.data.phantom import make_phantom
-from ctpa_vq.input_spec import InputSpecWarning, describe_training_data, training_spacing
+from ctpa_vq.models.input_spec import InputSpecWarning, describe_training_data, training_spacing
 from ctpa_vq.pipelines import CTPAReconstructionPipeline
 from ctpa_vq.spacing import reconstruct_volume
 

@@ -496,7 +496,7 @@ def _show_input_warnings(command: str, show_others):
     """`warnings.showwarning` that prints a volume's `InputSpecWarning` as one line, like the errors."""
 
     def show(message, category, filename, lineno, file=None, line=None):
-        from .input_spec import InputSpecWarning
+        from .models.input_spec import InputSpecWarning
 
         if issubclass(category, InputSpecWarning):
             print(f"ctpa-vq {command}: warning: {message}", file=sys.stderr)

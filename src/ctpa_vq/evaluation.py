@@ -16,8 +16,8 @@ import numpy as np
 
 from .data.patch_dataset import VolumeStore
 from .data.volume_io import input_volumes
-from .intensity import clipped_fraction
 from .metrics import reconstruction_metrics
+from .models.intensity import clipped_fraction
 from .pipelines import CTPAReconstructionOutput, CTPAReconstructionPipeline
 from .regions import REGIONS
 from .spacing import TargetSpacing, reconstruct_at

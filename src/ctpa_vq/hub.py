@@ -274,7 +274,7 @@ def _format_value(value: float) -> str:
 def _clipped_note(metrics: LastMetrics | None) -> str:
     clipped = {k: v for k, v in (metrics.values if metrics else {}).items() if "clip" in k.lower()}
     if not clipped:
-        return "The clipped fraction was not measured in this run; `ctpa_vq.intensity.clipped_fraction` reports it for a volume."
+        return "The clipped fraction was not measured in this run; `ctpa_vq.models.intensity.clipped_fraction` reports it for a volume."
     listed = ", ".join(f"{k} = {v:.3%}" for k, v in sorted(clipped.items()))
     return f"Fraction of voxels clipped in the run's data: {listed}."
 
@@ -305,7 +305,7 @@ def input_specification(config: dict, provenance: dict | None) -> dict:
         "modality": "CT (contrast-enhanced chest CT, CTPA)",
         "units": "Hounsfield units",
         "hu_window": [float(v) for v in config.get("hu_window", [])],
-        "intensity_mapping": "clip to hu_window, then linear to [-1, 1] (ctpa_vq.intensity.hu_to_unit)",
+        "intensity_mapping": "clip to hu_window, then linear to [-1, 1] (ctpa_vq.models.intensity.hu_to_unit)",
         "orientation": "RAS (nibabel.as_closest_canonical)",
         "axis_order": ["D = Z (inferior->superior)", "H = Y (posterior->anterior)", "W = X (left->right)"],
         "array_layout": "(B, 1, D, H, W) float32",
@@ -314,7 +314,7 @@ def input_specification(config: dict, provenance: dict | None) -> dict:
     if provenance:
         spec["spacing_mm_seen"] = {"min": provenance["spacing_mm_min"], "max": provenance["spacing_mm_max"]}
         spec["slices_seen"] = {"min": provenance["slices_min"], "max": provenance["slices_max"]}
-    if config.get("training_data"):  # the record the pipeline checks every volume against (ctpa_vq.input_spec)
+    if config.get("training_data"):  # the record the pipeline checks every volume against (ctpa_vq.models.input_spec)
         spec["training_data"] = config["training_data"]
     return spec
 

@@ -2,7 +2,7 @@
 
 Both metrics clip the two volumes to the window ``(low, high)`` and use the window width as
 the data range, so they measure what the model can represent (what the window clips is
-reported separately, see :func:`ctpa_vq.intensity.clipped_fraction`).
+reported separately, see :func:`ctpa_vq.models.intensity.clipped_fraction`).
 
 SSIM is torchmetrics' 3D SSIM (Gaussian window, sigma 1.5, 11 voxels wide; the volume's edges
 reflected; k1 0.01, k2 0.03), computed here without torchmetrics: its full 11^3 ``conv3d`` over
@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from torchmetrics.image import PeakSignalNoiseRatio
 
-from .intensity import DEFAULT_HU_WINDOW
+from .models.intensity import DEFAULT_HU_WINDOW
 from .regions import OUTSIDE, REGIONS, region_labels
 
 SSIM_SIGMA = 1.5

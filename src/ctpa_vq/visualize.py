@@ -10,7 +10,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .intensity import DEFAULT_HU_WINDOW
+from .models.intensity import DEFAULT_HU_WINDOW
 from .utils.atomic import atomic_path
 
 _LABEL_HEIGHT = 14

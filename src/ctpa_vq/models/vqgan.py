@@ -14,8 +14,8 @@ from diffusers.models.autoencoders.vq_model import VQEncoderOutput
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput, is_accelerate_available
 
-from ..intensity import DEFAULT_HU_WINDOW
 from .blocks import Decoder3D, Encoder3D, stage_strides
+from .intensity import DEFAULT_HU_WINDOW
 from .quantizer import EMAVectorQuantizer, FiniteScalarQuantizer, QuantizerOutput
 
 logger = logging.getLogger(__name__)

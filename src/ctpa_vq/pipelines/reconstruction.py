@@ -16,10 +16,10 @@ from diffusers.utils import BaseOutput
 
 from ..data.nifti import ct_from_image
 from ..data.volume_io import load_volume
-from ..input_spec import check_volume
-from ..intensity import hu_to_unit, unit_to_hu
 from ..model_source import ModelSource, local_model, resolve_model
 from ..models import VQGAN3D
+from ..models.input_spec import check_volume
+from ..models.intensity import hu_to_unit, unit_to_hu
 from ..patching import BlendMode, PatchGrid, PatchStitcher, StitchMode, plan_grid
 
 VolumeInput = Union[np.ndarray, torch.Tensor, str, os.PathLike, nib.Nifti1Image]
