@@ -60,7 +60,7 @@ def _pseudonymise(args: argparse.Namespace):
     The key is loaded (or created) on the first identifier, so a run that prints none needs none."""
     from functools import cache
 
-    from .privacy import PseudonymKey
+    from .data.privacy import PseudonymKey
 
     if args.keep_identifiers:
         return str
@@ -80,7 +80,7 @@ def _shard(text: str) -> tuple[int, int]:
 
 def _run_prepare(args: argparse.Namespace) -> int:
     from .data.prepare import combine_parts, prepare_dataset, process_rank
-    from .privacy import PseudonymKey
+    from .data.privacy import PseudonymKey
 
     if args.combine:
         if args.input:

@@ -15,7 +15,7 @@ settings); `load_encoded(OUT)` (or `datasets.load_dataset("parquet", data_dir=OU
 - Distributed: under `accelerate launch` each process encodes every `num_processes`-th remaining
   volume on its own device and writes its own shards.
 
-Privacy: `patient_id` is a pseudonym (`ctpa_vq.privacy`'s keyed hash, as `ctpa-vq prepare`
+Privacy: `patient_id` is a pseudonym (`ctpa_vq.data.privacy`'s keyed hash, as `ctpa-vq prepare`
 stores it) and `volume_id` a hash of the volume's pseudonymous source (needed to resume); no file
 name or path reaches the table.
 """
@@ -91,8 +91,8 @@ def volume_id(origin: str) -> str:
 
 
 def default_pseudonymise() -> Callable[[str], str]:
-    """Identifier -> its keyed-hash pseudonym (`ctpa_vq.privacy`, the key `prepare` uses), key loaded on first use."""
-    from .privacy import PseudonymKey
+    """Identifier -> its keyed-hash pseudonym (`ctpa_vq.data.privacy`, the key `prepare` uses), key loaded on first use."""
+    from .data.privacy import PseudonymKey
 
     key = functools.cache(PseudonymKey.load)
     return lambda identifier: key().pseudonym(identifier)

@@ -53,7 +53,7 @@ from typing import Callable, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..privacy import PseudonymKey
+from .privacy import PseudonymKey
 from .dicom import SkippedSeries, find_series, is_dicom_file
 from .nifti import CTFileError
 from .prepare_shards import (
