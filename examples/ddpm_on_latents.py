@@ -40,8 +40,8 @@ from tqdm.auto import tqdm
 from ctpa_vq import VQGAN3D
 from ctpa_vq.data.phantom import make_phantom, write_phantom_dir
 from ctpa_vq.encode import encode_dataset, latents_as_tensor, load_encoded
+from ctpa_vq.hub.model_source import resolve_model
 from ctpa_vq.latent_stats import compute_latent_stats, write_latent_stats
-from ctpa_vq.model_source import resolve_model
 from ctpa_vq.pipelines import CTPAReconstructionPipeline
 from ctpa_vq.utils.atomic import atomic_path
 
@@ -77,7 +77,7 @@ def build_demo_model(folder: Path, shape: tuple[int, int, int]) -> Path:
 
 
 def load_model(name_or_path: str) -> VQGAN3D:
-    """The `VQGAN3D` of a pipeline or model folder or Hub repo (`ctpa_vq.model_source.resolve_model`)."""
+    """The `VQGAN3D` of a pipeline or model folder or Hub repo (`ctpa_vq.hub.model_source.resolve_model`)."""
     source = resolve_model(name_or_path)
     return VQGAN3D.from_pretrained(source.location, subfolder=source.subfolder)
 

@@ -162,7 +162,7 @@ def _add_push(subparsers) -> None:
 
 
 def _run_push(args: argparse.Namespace) -> int:
-    from .hub import push_to_hub
+    from .hub.push import push_to_hub
 
     result = push_to_hub(
         args.model, args.repo_id, private=args.private, revision=args.revision, endpoint=args.endpoint,
@@ -309,7 +309,7 @@ def _add_inference_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _load_pipeline(args: argparse.Namespace):
-    from .model_source import resolve_model
+    from .hub.model_source import resolve_model
     from .pipelines import load_reconstruction_pipeline
 
     device = _device(args.device)

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from .data.dicom import SkippedSeries
 from .data.volume_io import input_volumes
-from .model_source import local_model
+from .hub.model_source import local_model
 from .utils.atomic import atomic_path
 
 

@@ -16,7 +16,7 @@ from diffusers.utils import BaseOutput
 
 from ..data.nifti import ct_from_image
 from ..data.volume_io import load_volume
-from ..model_source import ModelSource, local_model, resolve_model
+from ..hub.model_source import ModelSource, local_model, resolve_model
 from ..models import VQGAN3D
 from ..models.input_spec import check_volume
 from ..models.intensity import hu_to_unit, unit_to_hu

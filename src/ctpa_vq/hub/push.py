@@ -5,7 +5,7 @@ the repo never shows a model without its card. A re-run after an interruption is
 committed until every file is uploaded, LFS objects already on the server are not sent again, and
 files whose content is unchanged are left out (a re-run of a finished push makes no new commit).
 
-A pipeline folder is pushed in the self-contained layout of `ctpa_vq.remote_code` (bundled
+A pipeline folder is pushed in the self-contained layout of `ctpa_vq.hub.remote_code` (bundled
 `pipeline_ctpa.py` and `vqgan/modeling_vqgan3d.py`, list-form `model_index.json`), so it loads with
 `DiffusionPipeline.from_pretrained(repo, trust_remote_code=True)` where `ctpa_vq` is not installed.
 Nothing pushed names this machine's folders or a patient's file: local paths in the recipe are
@@ -35,7 +35,7 @@ import yaml
 from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData, get_token
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
 
-from . import __version__
+from .. import __version__
 from .model_source import ModelSource, ModelSourceError, local_model
 from .remote_code import remote_code_files
 
@@ -208,7 +208,7 @@ def dataset_provenance(dataset_dir: str | Path) -> dict:
 
 @functools.lru_cache(maxsize=4)
 def _dataset_provenance(dataset_dir: str, version: int) -> dict:
-    from .data.patch_dataset import VolumeStore
+    from ..data.patch_dataset import VolumeStore
 
     import datasets
 
