@@ -17,7 +17,7 @@ from ctpa_vq.cli import main
 from ctpa_vq.data.phantom import make_phantom
 from ctpa_vq.models.input_spec import InputSpecWarning, describe_training_data, training_spacing
 from ctpa_vq.pipelines import CTPAReconstructionPipeline
-from ctpa_vq.spacing import reconstruct_volume
+from ctpa_vq.pipelines.spacing import reconstruct_volume
 
 WINDOW = (-1024.0, 2048.0)
 FAST = ["--patch", "16", "32", "32", "--no-progress"]

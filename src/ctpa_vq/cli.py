@@ -275,7 +275,7 @@ def _spacing_value(text: str) -> str | float:
 
 
 def _spacing(args: argparse.Namespace):
-    """--spacing as `ctpa_vq.spacing.reconstruct_volume` takes it: None, "training" or (D, H, W)."""
+    """--spacing as `ctpa_vq.pipelines.spacing.reconstruct_volume` takes it: None, "training" or (D, H, W)."""
     if args.spacing is None:
         return None
     if args.spacing == ["training"]:
@@ -379,7 +379,7 @@ def _run_reconstruct(args: argparse.Namespace) -> int:
 
     from .data.volume_io import VOLUME_SUFFIXES, load_volume, save_volume_like
     from .metrics import SSIM_KERNEL, psnr_hu, reconstruction_metrics
-    from .spacing import reconstruct_volume, target_spacing
+    from .pipelines.spacing import reconstruct_volume, target_spacing
     from .visualize import save_mid_slices
 
     output = Path(args.output)
@@ -446,7 +446,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from .data.dicom import SkippedSeries
     from .data.nifti import CTFileError
     from .evaluation import VolumeScore, iter_volumes, score_volume, write_scores_csv
-    from .spacing import target_spacing
+    from .pipelines.spacing import target_spacing
 
     def summary(score: VolumeScore) -> str:
         return (

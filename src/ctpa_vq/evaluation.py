@@ -19,8 +19,8 @@ from .data.volume_io import input_volumes
 from .metrics import reconstruction_metrics
 from .models.intensity import clipped_fraction
 from .pipelines import CTPAReconstructionOutput, CTPAReconstructionPipeline
+from .pipelines.spacing import TargetSpacing, reconstruct_at
 from .regions import REGIONS
-from .spacing import TargetSpacing, reconstruct_at
 from .utils.atomic import atomic_path
 
 
@@ -62,7 +62,7 @@ def score_volume(
     """Reconstruct `hu` `(D, H, W)` (with latents and indices) and score it; the grid as for
     `CTPAReconstructionPipeline.patch_grid` (planned by default). `spacing` (mm), if known, goes to
     the pipeline's check of the volume against the model's training data; with `target_spacing`
-    the model runs at that spacing and is scored back on `hu`'s grid (`ctpa_vq.spacing.reconstruct_at`)."""
+    the model runs at that spacing and is scored back on `hu`'s grid (`ctpa_vq.pipelines.spacing.reconstruct_at`)."""
     result = reconstruct_at(
         pipeline, hu, spacing, target_spacing, name, patch_size=patch_size, overlap=overlap, blend=blend,
         batch_size=batch_size, return_latents=True, max_patch_voxels=max_patch_voxels,

@@ -15,11 +15,11 @@ from typing import Sequence, Union
 
 import numpy as np
 
-from .data.nifti import CTVolume
-from .data.resample import resample
-from .data.volume_io import load_volume
-from .models.input_spec import training_spacing
-from .pipelines import CTPAReconstructionOutput, CTPAReconstructionPipeline
+from ..data.nifti import CTVolume
+from ..data.resample import resample
+from ..data.volume_io import load_volume
+from ..models.input_spec import training_spacing
+from .reconstruction import CTPAReconstructionOutput, CTPAReconstructionPipeline
 
 TargetSpacing = Union[Sequence[float], str, None]
 """(D, H, W) in mm, "training" (the model's median training spacing), or None (the volume's own grid)."""
