@@ -221,7 +221,7 @@ def _real_options(variant: str, shape) -> dict:
 def real_table(names, variants) -> None:
     from real_ct import load_real_ct
 
-    from ctpa_vq.metrics import reconstruction_metrics
+    from ctpa_vq.evaluation.metrics import reconstruction_metrics
 
     pipeline = _pipeline()
     print(f"\nreal chest CTs (benchmarks/real_ct.py), trained tiny model (training patch {TRAINING_PATCH}); "

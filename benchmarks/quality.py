@@ -68,10 +68,10 @@ from real_ct import SPLIT, RealCTUnavailable, load_real_ct  # noqa: E402
 
 from ctpa_vq import VQGAN3D  # noqa: E402
 from ctpa_vq.data.phantom import make_phantom  # noqa: E402
-from ctpa_vq.metrics import reconstruction_metrics  # noqa: E402
+from ctpa_vq.evaluation.metrics import reconstruction_metrics  # noqa: E402
 from ctpa_vq.models.intensity import DEFAULT_HU_WINDOW, hu_to_unit, unit_to_hu  # noqa: E402
 from ctpa_vq.pipelines import CTPAReconstructionPipeline  # noqa: E402
-from ctpa_vq.regions import body_mask, region_labels  # noqa: E402
+from ctpa_vq.evaluation.regions import body_mask, region_labels  # noqa: E402
 from ctpa_vq.training.losses import dense_weighted_l1, ssim_loss  # noqa: E402
 
 FACTOR = 4

@@ -378,9 +378,9 @@ def _run_reconstruct(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .data.volume_io import VOLUME_SUFFIXES, load_volume, save_volume_like
-    from .metrics import SSIM_KERNEL, psnr_hu, reconstruction_metrics
+    from .evaluation.metrics import SSIM_KERNEL, psnr_hu, reconstruction_metrics
+    from .evaluation.visualize import save_mid_slices
     from .pipelines.spacing import reconstruct_volume, target_spacing
-    from .visualize import save_mid_slices
 
     output = Path(args.output)
     if not output.name.endswith(VOLUME_SUFFIXES):
@@ -445,7 +445,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
     from .data.dicom import SkippedSeries
     from .data.nifti import CTFileError
-    from .evaluation import VolumeScore, iter_volumes, score_volume, write_scores_csv
+    from .evaluation.scoring import VolumeScore, iter_volumes, score_volume, write_scores_csv
     from .pipelines.spacing import target_spacing
 
     def summary(score: VolumeScore) -> str:
@@ -481,7 +481,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
             warnings.simplefilter("ignore", RuntimeWarning)  # a region empty in every volume stays NaN
             mean = VolumeScore("mean", **{key: float(np.nanmean(v)) for key, v in values.items()})
         low, high = pipeline.window
-        print(f"mean over {len(scores)} volumes: {summary(mean)} (HU window {low:g}..{high:g}; regions: ctpa_vq.regions)")
+        print(f"mean over {len(scores)} volumes: {summary(mean)} "
+              f"(HU window {low:g}..{high:g}; regions: ctpa_vq.evaluation.regions)")
     if args.csv and scores:
         write_scores_csv(scores, args.csv)
     if failures:

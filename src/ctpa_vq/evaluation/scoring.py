@@ -14,14 +14,14 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from .data.patch_dataset import VolumeStore
-from .data.volume_io import input_volumes
+from ..data.patch_dataset import VolumeStore
+from ..data.volume_io import input_volumes
+from ..models.intensity import clipped_fraction
+from ..pipelines import CTPAReconstructionOutput, CTPAReconstructionPipeline
+from ..pipelines.spacing import TargetSpacing, reconstruct_at
+from ..utils.atomic import atomic_path
 from .metrics import reconstruction_metrics
-from .models.intensity import clipped_fraction
-from .pipelines import CTPAReconstructionOutput, CTPAReconstructionPipeline
-from .pipelines.spacing import TargetSpacing, reconstruct_at
 from .regions import REGIONS
-from .utils.atomic import atomic_path
 
 
 @dataclass
@@ -30,7 +30,7 @@ class VolumeScore:
 
     ``psnr`` (dB) and ``ssim`` over the whole volume; ``body_psnr`` and ``body_ssim`` over the
     body mask; ``mae_*`` the mean absolute HU error over the body and per region (lung, soft
-    tissue, contrast-enhanced vessel, bone; see :mod:`ctpa_vq.regions`; NaN where a region is
+    tissue, contrast-enhanced vessel, bone; see :mod:`ctpa_vq.evaluation.regions`; NaN where a region is
     empty); ``clipped_fraction`` of the voxels the window clips (lost before the model sees them).
     """
 
