@@ -129,7 +129,7 @@ def test_reconstruct_at_the_training_spacing_lands_on_the_input_grid(tmp_path, c
 
 
 def test_evaluate_and_encode_name_the_volume_outside_the_record(tmp_path, capsys):
-    from ctpa_vq.encode import encode_dataset
+    from ctpa_vq.latents.encode import encode_dataset
 
     pipe = _pipeline(_record())
     pipe.vqgan.register_to_config(latents_mean=[0.0] * 8, latents_std=[1.0] * 8)

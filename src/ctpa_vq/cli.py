@@ -188,7 +188,7 @@ def _add_latent_stats(subparsers) -> None:
 
 
 def _run_latent_stats(args: argparse.Namespace) -> int:
-    from .latent_stats import compute_and_store_latent_stats
+    from .latents.stats import compute_and_store_latent_stats
 
     result = compute_and_store_latent_stats(
         args.model, args.input, **_grid_options(args), progress=not args.no_progress
@@ -223,7 +223,7 @@ def _add_encode(subparsers) -> None:
 
 
 def _run_encode(args: argparse.Namespace) -> int:
-    from .encode import encode_dataset
+    from .latents.encode import encode_dataset
 
     report = encode_dataset(
         args.model, args.input, args.output, splits=args.split, **_grid_options(args),

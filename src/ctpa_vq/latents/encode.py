@@ -39,9 +39,9 @@ import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__
-from .data.nifti import CTFileError
-from .utils.atomic import atomic_path
+from .. import __version__
+from ..data.nifti import CTFileError
+from ..utils.atomic import atomic_path
 
 SHARD_GLOB = "shard-*.parquet"
 INFO_FILE = "encode_info.json"
@@ -92,7 +92,7 @@ def volume_id(origin: str) -> str:
 
 def default_pseudonymise() -> Callable[[str], str]:
     """Identifier -> its keyed-hash pseudonym (`ctpa_vq.data.privacy`, the key `prepare` uses), key loaded on first use."""
-    from .data.privacy import PseudonymKey
+    from ..data.privacy import PseudonymKey
 
     key = functools.cache(PseudonymKey.load)
     return lambda identifier: key().pseudonym(identifier)
@@ -121,7 +121,7 @@ def list_volumes(
 def _prepared_volumes(source: Path, splits: Sequence[str] | None) -> list[VolumeToEncode]:
     import datasets
 
-    from .data.patch_dataset import VolumeStore
+    from ..data.patch_dataset import VolumeStore
 
     loaded = datasets.load_from_disk(str(source))
     available = loaded if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
@@ -139,8 +139,8 @@ def _prepared_volumes(source: Path, splits: Sequence[str] | None) -> list[Volume
 
 
 def _folder_volumes(source: Path, pseudonymise: Callable[[str], str]) -> list[VolumeToEncode]:
-    from .data.prepare import patient_id
-    from .data.volume_io import input_volumes
+    from ..data.prepare import patient_id
+    from ..data.volume_io import input_volumes
 
     found = input_volumes(source)
 
@@ -237,7 +237,7 @@ def encode_dataset(
     """
     from accelerate import PartialState
 
-    from .pipelines import load_reconstruction_pipeline
+    from ..pipelines import load_reconstruction_pipeline
 
     state = PartialState(cpu=not torch.cuda.is_available())  # cpu=True: CPU processes join over gloo
     output_dir = Path(output_dir)
