@@ -306,7 +306,7 @@ def test_push_scrubs_local_paths_and_describes_the_data(hub, tmp_path):
 
 def test_card_reports_validation_quality_not_the_ssim_training_loss(model_dir):
     """metrics.csv's `ssim_loss` column (1 - SSIM, a training term) is not an SSIM result of the model."""
-    from ctpa_vq.hub.push import build_model_card
+    from ctpa_vq.hub.card import build_model_card
 
     (model_dir / "metrics.csv").write_text("step,loss,l1,ssim_loss,val_psnr,val_ssim\n5,0.3,0.05,0.2,,\n5,,,,27.5,0.81\n")
     card = build_model_card(model_dir, "lab/ctpa-vq-tiny")
