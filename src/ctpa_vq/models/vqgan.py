@@ -72,7 +72,7 @@ class VQGAN3D(ModelMixin, ConfigMixin):
             until computed (`ctpa-vq latent-stats`).
         training_data: the input specification of the data the model was (last) trained on:
             spacing, HU window, clipped fraction, orientation, patch size, volume count
-            (`ctpa_vq.input_spec`); `None` for models exported before it was recorded.
+            (`ctpa_vq.models.input_spec`); `None` for models exported before it was recorded.
         finetuned_from: the model this one was fine-tuned from, `{"source": "hub", "repo_id",
             "revision"}` or `{"source": "local"}`; `None` for a model trained from scratch.
         (The last two are records only: they change nothing the model computes.)
