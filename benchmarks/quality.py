@@ -13,11 +13,12 @@ Protocol (held-apart volumes, BENCHMARKS.md "quality"):
   the same 4x4x4 latent grid; no adversarial or perceptual loss (this compares autoencoders).
 * Each trained model reconstructs every validation and test volume at each inference setting of
   ``--settings``: an explicit patch ``DxHxW`` (overlap 25%), or ``planned``, the grid
-  ``CTPAReconstructionPipeline`` plans by default (here one patch per volume). VQGAN3D goes
+  ``CTPAReconstructionPipeline`` plans (here one patch per volume). VQGAN3D goes
   through the pipeline (what a user gets: linear blend, padding to the latent grid); MONAI's
   models through ``sliding_window_inference`` (gaussian blend) on the same patches.
 * Each model's *best setting* is the one with the highest validation body PSNR (mean over seeds);
-  the test table shows each model at its best setting and at ``planned`` (the pipeline's default),
+  the test table shows each model at its best setting and at the pipeline's default (``default_setting``:
+  the training patch a VQGAN3D without GroupNorm stores, else ``planned``),
   every figure the mean over seeds of the mean over the test volumes, with the range over seeds.
 
 Models (~0.5 M parameters each):
@@ -72,7 +73,9 @@ from ctpa_vq.evaluation.metrics import reconstruction_metrics  # noqa: E402
 from ctpa_vq.evaluation.regions import body_mask, region_labels  # noqa: E402
 from ctpa_vq.models.intensity import DEFAULT_HU_WINDOW, hu_to_unit, unit_to_hu  # noqa: E402
 from ctpa_vq.pipelines import CTPAReconstructionPipeline  # noqa: E402
+from ctpa_vq.pipelines.reconstruction import PLANNED  # noqa: E402
 from ctpa_vq.training.losses import dense_weighted_l1, ssim_loss  # noqa: E402
+from ctpa_vq.training.pretrained import inference_patch  # noqa: E402
 
 FACTOR = 4
 KL_WEIGHT = 1e-6
@@ -80,7 +83,7 @@ DENSE_HU = 150.0  # --dense-weight applies from here up: contrast-enhanced vesse
 VQGAN_NORMS = {"vqgan3d-group": "group", "vqgan3d-none": "none", "vqgan3d-batch": "batch"}
 LEARNED = (*VQGAN_NORMS, "monai-vqvae", "monai-autoencoderkl")
 CLASSICAL = ("trilinear", "tricubic")
-PLANNED = "planned"
+
 FIGURES = ("psnr", "ssim", "body_psnr", "body_ssim", "mae_body")
 
 
@@ -190,6 +193,28 @@ def train(method: str, model: torch.nn.Module, patches: torch.Tensor, args) -> N
     model.eval()
 
 
+def step_times(methods: list[str], patches: torch.Tensor, args) -> dict[str, float]:
+    """Median seconds per training step (loss, backward, AdamW) of each learned method, the methods
+    taking turns step by step in this process on the same batches, so they share the machine's state;
+    the first ``--time-steps // 5`` steps of each are warm-up."""
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    models = {m: build(m, args.vqvae_codes).train() for m in methods}
+    optimizers = {m: torch.optim.AdamW(model.parameters(), lr=1e-4) for m, model in models.items()}
+    warmup = args.time_steps // 5
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    for step in range(warmup + args.time_steps):
+        batch = patches[step * args.batch : (step + 1) * args.batch]
+        for m in methods:
+            start = time.perf_counter()
+            loss = training_loss(m, models[m], batch, args.dense_weight, args.ssim_weight)
+            optimizers[m].zero_grad(set_to_none=True)
+            loss.backward()
+            optimizers[m].step()
+            times[m].append(time.perf_counter() - start)
+    return {m: float(np.median(t[warmup:])) for m, t in times.items()}
+
+
 def _planner() -> CTPAReconstructionPipeline:
     """A pipeline whose only use is its default grid planning (the model's weights do not matter)."""
     pipeline = CTPAReconstructionPipeline(vqgan=VQGAN3D.from_preset("tiny"))
@@ -201,14 +226,14 @@ def _planner() -> CTPAReconstructionPipeline:
 def reconstruct(method: str, model: torch.nn.Module, hu: np.ndarray, setting: str, overlap: float) -> np.ndarray:
     """``hu`` ``(D, H, W)`` through ``model`` at inference ``setting`` (``DxHxW`` or ``planned``).
 
-    VQGAN3D: ``CTPAReconstructionPipeline`` (planned: its defaults). MONAI's models: MONAI's
+    VQGAN3D: ``CTPAReconstructionPipeline`` (planned: its planner). MONAI's models: MONAI's
     ``sliding_window_inference`` with gaussian weights, on the planned grid's patch for ``planned``.
     """
     patch = None if setting == PLANNED else tuple(int(n) for n in setting.split("x"))
     if method in VQGAN_NORMS:
         pipeline = CTPAReconstructionPipeline(vqgan=model)
         pipeline.set_progress_bar_config(disable=True)
-        return pipeline(hu, patch_size=patch, overlap=None if patch is None else overlap).reconstruction
+        return pipeline(hu, patch_size=patch or PLANNED, overlap=None if patch is None else overlap).reconstruction
     from monai.inferers import sliding_window_inference
 
     if patch is None:
@@ -293,7 +318,15 @@ def mean_over(record: dict, names: tuple[str, ...], setting: str, figure: str) -
     return float(np.mean([record["figures"][name][setting][figure] for name in names]))
 
 
-def tables(records: list[dict], volumes: dict, settings: list[str]) -> str:
+def default_setting(method: str, patch: list[int]) -> str:
+    """The inference setting a user gets from the pipeline by default: the patch the model was trained on
+    when training stores it (`ctpa_vq.training.pretrained.inference_patch`: VQGAN3D without GroupNorm,
+    25% overlap, as the explicit setting), else the planned grid (MONAI's models: on the same grid)."""
+    stored = inference_patch(VQGAN_NORMS[method], patch) if method in VQGAN_NORMS else None
+    return PLANNED if stored is None else "x".join(map(str, stored))
+
+
+def tables(records: list[dict], volumes: dict, settings: list[str], patch: list[int]) -> str:
     """The validation table (every setting), the choice per method, and the test table."""
     validation, test = tuple(volumes["validation"]), tuple(volumes["test"])
     methods = list(dict.fromkeys(r["method"] for r in records))
@@ -320,8 +353,9 @@ def tables(records: list[dict], volumes: dict, settings: list[str]) -> str:
     ]
     for method in methods:
         runs = [r for r in records if r["method"] == method]
-        for label, setting in ((f"best on validation: {best[method]}", best[method]), ("pipeline default", PLANNED)):
-            if setting not in settings or (method in CLASSICAL and setting != best[method]):
+        default = default_setting(method, patch)
+        for label, setting in ((f"best on validation: {best[method]}", best[method]), (f"pipeline default: {default}", default)):
+            if setting not in settings:
                 continue
             per_run = {f: [mean_over(r, test, setting, f) for r in runs] for f in FIGURES}
             body = per_run["body_psnr"]
@@ -333,16 +367,22 @@ def tables(records: list[dict], volumes: dict, settings: list[str]) -> str:
                 f"{np.mean(body):.2f} [{min(body):.2f}..{max(body):.2f}] | {np.mean(per_run['body_ssim']):.4f} | "
                 f"{np.mean(per_run['mae_body']):.1f} |"
             )
+            if method in CLASSICAL:
+                break  # no inference settings: one row
     lines += [
         "",
-        f"test body PSNR (dB) per inference setting, mean over seeds; the spread is max - min over the settings",
-        "| method | " + " | ".join(settings) + " | spread |",
-        "|---|" + "---|" * (len(settings) + 1),
+        "test body PSNR (dB) per inference setting, mean over seeds; spread: max - min over the settings (of the"
+        " means; the largest of one seed)",
+        "| method | " + " | ".join(settings) + " | spread | one seed |",
+        "|---|" + "---|" * (len(settings) + 2),
     ]
     for method in (m for m in methods if m not in CLASSICAL):
         runs = [r for r in records if r["method"] == method]
-        values = [float(np.mean([mean_over(r, test, s, "body_psnr") for r in runs])) for s in settings]
-        lines.append(f"| {method} | " + " | ".join(f"{v:.2f}" for v in values) + f" | {max(values) - min(values):.2f} |")
+        per_seed = np.array([[mean_over(r, test, s, "body_psnr") for s in settings] for r in runs])
+        values = per_seed.mean(axis=0)
+        one_seed = float((per_seed.max(axis=1) - per_seed.min(axis=1)).max())
+        lines.append(f"| {method} | " + " | ".join(f"{v:.2f}" for v in values)
+                     + f" | {values.max() - values.min():.2f} | {one_seed:.2f} |")
     return "\n".join(lines)
 
 
@@ -359,7 +399,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--patch", type=int, nargs=3, default=[16, 32, 32], help="training patch (D, H, W)")
     parser.add_argument(
         "--settings", nargs="+", default=["16x32x32", "32x64x64", PLANNED],
-        help="inference settings: patches DxHxW (overlap --overlap) and/or 'planned' (the pipeline's default grid)",
+        help="inference settings: patches DxHxW (overlap --overlap) and/or 'planned' (the pipeline's planned grid)",
     )  # fmt: skip
     parser.add_argument("--overlap", type=float, default=0.25, help="overlap of explicit inference patches")
     parser.add_argument("--pixel-mm", type=float, default=2.3, help="block-average in-plane to pixels near this size")
@@ -367,6 +407,8 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own process")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run (part of a run's identity)")
     parser.add_argument("--results", type=Path, default=Path("quality-results.jsonl"), help="JSON lines, appended")
+    parser.add_argument("--time-steps", type=int, default=0,
+                        help="only time this many training steps of each --methods model, taking turns, and print ms/step")
     parser.add_argument("--smoke", action="store_true", help="seconds: small phantoms for volumes, seed 0, 2 steps, small patches")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -378,6 +420,20 @@ def main(argv: list[str] | None = None) -> str:
         volumes = prepare(args)
     except RealCTUnavailable as err:
         sys.exit(str(err))
+    if args.time_steps:
+        learned = [m for m in args.methods if m not in CLASSICAL]
+        count = (args.time_steps + args.time_steps // 5) * args.batch
+        patches = sample_patches(list(volumes["train"].values()), tuple(args.patch), count, np.random.default_rng(0))
+        seconds = step_times(learned, patches, args)
+        reference = seconds.get("monai-vqvae")
+        report = "\n".join(
+            [f"training step, batch {args.batch} of {'x'.join(map(str, args.patch))}, {args.threads} thread(s), "
+             f"median of {args.time_steps}", "| method | ms/step | / monai-vqvae |", "|---|---|---|"]
+            + [f"| {m} | {1000 * t:.1f} | {t / reference:.2f} |" if reference else f"| {m} | {1000 * t:.1f} | - |"
+               for m, t in seconds.items()]
+        )  # fmt: skip
+        print(report)
+        return report
     labels = {name: region_labels(hu) for part in ("validation", "test") for name, hu in volumes[part].items()}
     for part, named in volumes.items():
         print(f"{part}: " + ", ".join(f"{name} {hu.shape}" for name, hu in named.items()), flush=True)
@@ -400,7 +456,7 @@ def main(argv: list[str] | None = None) -> str:
     else:
         for m, seed in todo:
             keep(run(m, seed, args, volumes, labels))
-    report = tables([done[run_key(m, seed, args)] for m, seed in tasks], volumes, args.settings)
+    report = tables([done[run_key(m, seed, args)] for m, seed in tasks], volumes, args.settings, args.patch)
     print("\n" + report)
     return report
 

@@ -306,3 +306,22 @@ def test_uncompressed_slices_read_as_pydicom_reads_them(tmp_path, signed):
         fast = _native_pixels(ds, ds.file_meta.TransferSyntaxUID)
         assert fast is not None and fast.dtype == ds.pixel_array.dtype
         np.testing.assert_array_equal(fast, ds.pixel_array)
+
+
+def test_a_big_endian_series_reads_its_header_and_pixels_as_pydicom_does(tmp_path):
+    """Header tags are decoded from their raw bytes in the file's own byte order (Rows = 0x0010 would be
+    0x1000 read the other way round); the pixels of the retired big-endian syntax go through pydicom."""
+    from pydicom.uid import ExplicitVRBigEndian
+
+    files = write_series(tmp_path / "s", SLICES[:3])
+    expected = []
+    for path in files:
+        ds = pydicom.dcmread(path)
+        expected.append(ds.pixel_array.astype(np.float64) * float(ds.RescaleSlope) + float(ds.RescaleIntercept))
+        ds.PixelData = ds.pixel_array.astype(">u2" if ds.PixelRepresentation == 0 else ">i2").tobytes()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRBigEndian
+        pydicom.dcmwrite(path, ds, enforce_file_format=True)  # the encoding of the new transfer syntax
+        assert pydicom.dcmread(path).file_meta.TransferSyntaxUID == ExplicitVRBigEndian
+    ct = load_volume(tmp_path / "s")
+    assert ct.hu.shape == (3, *SLICES.shape[1:])
+    np.testing.assert_array_equal(np.sort(ct.hu.ravel()), np.sort(np.stack(expected).ravel()))

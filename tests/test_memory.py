@@ -140,11 +140,12 @@ def test_validation_peak_holds_the_training_state_and_grows_with_val_batch_size(
     the batch: at least the decoder's output, (val_batch_size, 1, *patch) in fp32."""
     shape = (40, 80, 96)
     patch = validation_patch(tiny, shape)
-    assert patch == (40, 80, 96)  # the planned grid of a small volume: one patch, the whole volume
+    assert patch == (16, 32, 32)  # the run's training patch, which the model stores as its inference patch
+    assert validation_patch(with_knob(tiny, model__overrides={"norm_type": "group"}), shape) == shape  # planned
     peaks = {b: predict_validation_memory(with_knob(tiny, training__val_batch_size=b), shape, gan_stage=False)
              for b in (1, 2, 4)}
     for batch, predicted in peaks.items():
-        assert predicted.traced_peak >= _static_bytes(tiny) + 4 * batch * 40 * 80 * 96
+        assert predicted.traced_peak >= _static_bytes(tiny) + 4 * batch * 16 * 32 * 32
         assert predicted.breakdown["Gradient"] == 0  # no backward, gradients freed after the step
     above = {b: p.traced_peak - _static_bytes(tiny) for b, p in peaks.items()}
     assert above[4] / above[2] == pytest.approx(2, rel=0.15) and above[2] / above[1] == pytest.approx(2, rel=0.15)
@@ -155,9 +156,11 @@ def _gib(detail: str) -> float:
 
 
 def test_verify_prints_the_validation_peak_beside_the_training_peak(tiny):
+    # GroupNorm: validation runs the planned grid, here the whole volume, larger than the training patch
+    planned = with_knob(tiny, model__overrides={"norm_type": "group"})
     figures = {}
     for batch in (1, 4):
-        config = with_knob(tiny, training__val_batch_size=batch)
+        config = with_knob(planned, training__val_batch_size=batch)
         checks = {check.name: check for check in verify_environment(config, gpu_memory_gib=80)}
         assert checks["GPU memory"].status == "PASS"
         validation = checks["validation GPU memory"]
@@ -166,7 +169,7 @@ def test_verify_prints_the_validation_peak_beside_the_training_peak(tiny):
         figures[batch] = _gib(validation.detail)
     assert figures[4] > figures[1]
     # A card the training step fits but validation at val_batch_size 4 does not: verify fails on validation.
-    config = with_knob(tiny, training__val_batch_size=4)
+    config = with_knob(planned, training__val_batch_size=4)
     step = predict_step_memory(config, "no", gan_stage=True).per_process / GIB
     assert step < figures[4] - 0.1
     checks = {c.name: c for c in verify_environment(config, gpu_memory_gib=(step + figures[4]) / 2)}

@@ -41,3 +41,16 @@ def test_smoke_run_tables_every_method_and_resumes(tmp_path, capsys, keep_thread
     again = quality.main(["--smoke", "--results", str(results)])
     assert f"{len(methods)} of {len(methods)} runs already in" in capsys.readouterr().out
     assert len(results.read_text().splitlines()) == len(methods) and again == report
+    # each learned model at its pipeline default: the training patch for VQGAN3D without GroupNorm
+    assert "| vqgan3d-none | pipeline default: 12x16x16 |" in test_table
+    assert "| vqgan3d-group | pipeline default: planned |" in test_table
+    assert test_table.count("| tricubic |") == 1
+
+
+def test_step_times_take_turns_and_give_each_method_its_ratio_to_vqvae(capsys, keep_thread_count):
+    report = quality.main(["--smoke", "--time-steps", "2", "--methods", "tricubic", "vqgan3d-none", "monai-vqvae"])
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in report.splitlines() if line.startswith("| ")}
+    assert set(rows) == {"method", "vqgan3d-none", "monai-vqvae"}  # the classical method has no training step
+    assert rows["monai-vqvae"][1].strip(" |") == "1.00"
+    ms = {m: float(rows[m][0]) for m in ("vqgan3d-none", "monai-vqvae")}
+    assert float(rows["vqgan3d-none"][1].strip(" |")) == pytest.approx(ms["vqgan3d-none"] / ms["monai-vqvae"], abs=0.01)

@@ -287,9 +287,10 @@ def _spacing(args: argparse.Namespace):
 
 def _add_grid_options(parser: argparse.ArgumentParser) -> None:
     """The patch grid options (`CTPAReconstructionPipeline.patch_grid`) of every command that runs the model."""
-    parser.add_argument("--patch", type=int, nargs=3, metavar=("D", "H", "W"), default=None,
-                        help="patch size in voxels (default: planned per volume, the fewest voxels within "
-                        "--max-patch-voxels)")
+    parser.add_argument("--patch", type=_patch, nargs="+", metavar="D H W | planned", default=None,
+                        help="patch size in voxels, or 'planned': the fewest voxels within --max-patch-voxels "
+                        "(default: the model's inference patch, the one it was trained on; planned for a model "
+                        "without one)")
     parser.add_argument("--overlap", type=_overlap, default=None,
                         help="patch overlap: a fraction in [0, 1) (with --patch only) or a voxel count >= 1 "
                         "(default: 0.25 with --patch, 4 latent voxels = 16 voxels for a planned grid)")
@@ -343,9 +344,19 @@ def _device(name: str | None):
     return device
 
 
+def _patch(value: str) -> int | str:
+    """One `--patch` word: a voxel count, or a word the pipeline knows ('planned')."""
+    return int(value) if value.isdigit() else value
+
+
 def _grid_options(args: argparse.Namespace) -> dict:
     """The patch grid keyword arguments of `CTPAReconstructionPipeline.patch_grid`."""
-    return dict(patch_size=args.patch, overlap=args.overlap, max_patch_voxels=args.max_patch_voxels)
+    patch = args.patch
+    if patch is not None and not (len(patch) == 3 and all(isinstance(p, int) for p in patch)):
+        if len(patch) != 1 or isinstance(patch[0], int):
+            raise ValueError(f"--patch {' '.join(map(str, patch))}: give three sizes D H W in voxels, or 'planned'")
+        patch = patch[0]
+    return dict(patch_size=patch, overlap=args.overlap, max_patch_voxels=args.max_patch_voxels)
 
 
 def _describe_grid(args: argparse.Namespace, pipeline, shape) -> str:

@@ -20,6 +20,8 @@ descriptions) is copied anywhere. The SeriesInstanceUID only groups files; it is
 
 from __future__ import annotations
 
+import functools
+
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,7 +117,7 @@ def find_series(folder: str | os.PathLike, files: list[Path] | None = None, read
         except Exception as err:  # pydicom raises many types for damaged files
             broken.append(DicomSeries(str(path), [path], error=f"not a readable DICOM file ({err})"))
             continue
-        if header.file_meta.get("MediaStorageSOPClassUID") == MEDIA_STORAGE_DIRECTORY:
+        if _text(header.file_meta, "MediaStorageSOPClassUID") == MEDIA_STORAGE_DIRECTORY:
             continue  # a DICOMDIR: the index of a CD, not an image
         uid = _text(header, "SeriesInstanceUID")
         if not uid:
@@ -254,12 +256,12 @@ def _slice_geometry(path: Path, header) -> _SliceGeometry:
     if frames > 1:
         raise CTFileError(path, f"a multi-frame file ({frames} frames); only single-frame slice series are read")
     position, orientation, pixel_spacing = (_numbers(header, tag) for tag in _GEOMETRY_TAGS)
-    rows, columns = header.get("Rows"), header.get("Columns")
+    rows, columns = _ushort(header, "Rows"), _ushort(header, "Columns")
     missing = [tag for tag, value in zip((*_GEOMETRY_TAGS, "Rows", "Columns"),
                                          (position, orientation, pixel_spacing, rows, columns)) if value is None]
     if missing:
         raise CTFileError(path, f"lacks {', '.join(missing)}: the slice's geometry is unknown")
-    samples = int(header.get("SamplesPerPixel", 1))
+    samples = _ushort(header, "SamplesPerPixel", 1)
     photometric = _text(header, "PhotometricInterpretation") or "MONOCHROME2"
     if samples != 1 or photometric != "MONOCHROME2":
         raise CTFileError(path, f"{photometric} with {samples} sample(s) per pixel; CT slices are MONOCHROME2")
@@ -281,10 +283,10 @@ def _text(header, keyword: str) -> str | None:
     """A text-valued tag (DS, IS, CS, UI) as its stripped text, or None when absent or empty.
 
     Read from the raw element when pydicom has not converted it yet: pydicom's conversion of
-    decimal strings costs more per slice than decoding the pixels (it was most of `prepare`'s
-    overhead over a plain pydicom read).
+    an element (about 20 us) costs more per slice, over a slice's dozen tags, than decoding its
+    pixels (it was most of `prepare`'s overhead over a plain pydicom read).
     """
-    element = header.get_item(keyword)
+    element = header.get_item(_tag(keyword))
     if element is None:
         return None
     value = element.value
@@ -295,6 +297,22 @@ def _text(header, keyword: str) -> str | None:
     else:
         text = "" if value is None else str(value).strip()
     return text or None
+
+
+def _ushort(header, keyword: str, default: int | None = None) -> int | None:
+    """An unsigned-short tag (US: Rows, BitsAllocated, ...) from its raw bytes when not yet converted
+    (as `_text`), else its value; `default` when absent or empty."""
+    element = header.get_item(_tag(keyword))
+    value = None if element is None else element.value
+    if isinstance(value, bytes):
+        return int.from_bytes(value[:2], "little" if element.is_little_endian else "big") if value else default
+    return default if value is None else int(value)
+
+
+@functools.cache
+def _tag(keyword: str) -> int:
+    """The (group, element) tag of a DICOM keyword, as an int (pydicom's lookup by keyword costs 2 us)."""
+    return int(_pydicom().datadict.tag_for_keyword(keyword))
 
 
 def _numbers(header, keyword: str) -> list[float] | None:
@@ -358,16 +376,16 @@ def _native_pixels(dataset, syntax) -> np.ndarray | None:
     """
     if syntax not in _NATIVE_LITTLE_ENDIAN:
         return None
-    element = dataset.get_item("PixelData")
-    rows, columns = dataset.get("Rows"), dataset.get("Columns")
-    if element is None or rows is None or columns is None or dataset.get("BitsAllocated") != 16:
+    element = dataset.get_item(_tag("PixelData"))
+    rows, columns = _ushort(dataset, "Rows"), _ushort(dataset, "Columns")
+    if element is None or rows is None or columns is None or _ushort(dataset, "BitsAllocated") != 16:
         return None
     data = element.value
     if not isinstance(data, bytes) or len(data) < 2 * rows * columns:
         return None
-    signed = dataset.get("PixelRepresentation", 0) == 1
+    signed = _ushort(dataset, "PixelRepresentation", 0) == 1
     pixels = np.frombuffer(data, dtype="<i2" if signed else "<u2", count=rows * columns).reshape(rows, columns)
-    unused = 16 - int(dataset.get("BitsStored", 16) or 16)
+    unused = 16 - (_ushort(dataset, "BitsStored") or 16)
     if unused > 0:
         pixels = (pixels << unused) >> unused
     return pixels
@@ -378,13 +396,14 @@ def _pixels(pydicom, path: Path, dataset) -> np.ndarray:
     syntax cannot be decoded."""
     import pydicom.pixels
 
-    syntax = dataset.file_meta.get("TransferSyntaxUID")
+    syntax = _text(dataset.file_meta, "TransferSyntaxUID")
     native = _native_pixels(dataset, syntax)
     if native is not None:
         return native
     try:
         return dataset.pixel_array
     except Exception as err:
+        syntax = pydicom.uid.UID(syntax) if syntax else None
         if syntax is None or not syntax.is_compressed:
             raise CTFileError(path, f"pixel data cannot be read ({err})") from err
         what = f"pixel data in the compressed transfer syntax '{syntax.name}' ({syntax}) cannot be decoded"

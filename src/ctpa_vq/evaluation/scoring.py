@@ -51,7 +51,7 @@ def score_volume(
     pipeline: CTPAReconstructionPipeline,
     hu: np.ndarray,
     name: str,
-    patch_size: Sequence[int] | None = None,
+    patch_size: Sequence[int] | str | None = None,
     overlap: float | int | None = None,
     blend: str = "linear",
     batch_size: int = 1,
@@ -60,7 +60,7 @@ def score_volume(
     target_spacing: TargetSpacing = None,
 ) -> tuple[VolumeScore, CTPAReconstructionOutput]:
     """Reconstruct `hu` `(D, H, W)` (with latents and indices) and score it; the grid as for
-    `CTPAReconstructionPipeline.patch_grid` (planned by default). `spacing` (mm), if known, goes to
+    `CTPAReconstructionPipeline.patch_grid` (the pipeline's default). `spacing` (mm), if known, goes to
     the pipeline's check of the volume against the model's training data; with `target_spacing`
     the model runs at that spacing and is scored back on `hu`'s grid (`ctpa_vq.pipelines.spacing.reconstruct_at`)."""
     result = reconstruct_at(

@@ -76,6 +76,10 @@ class VQGAN3D(ModelMixin, ConfigMixin):
         finetuned_from: the model this one was fine-tuned from, `{"source": "hub", "repo_id",
             "revision"}` or `{"source": "local"}`; `None` for a model trained from scratch.
         (The last two are records only: they change nothing the model computes.)
+        inference_patch_size: the `(D, H, W)` patch `CTPAReconstructionPipeline` reconstructs with
+            by default (25% overlap); `None`: its planned grid. Training stores its own patch here
+            for a model without GroupNorm, which scores best on the patch it was trained on
+            (BENCHMARKS.md, quality on real chest CT); a GroupNorm model keeps the planned grid.
     """
 
     _supports_gradient_checkpointing = True
@@ -108,6 +112,7 @@ class VQGAN3D(ModelMixin, ConfigMixin):
         latents_std: Sequence[float] | None = None,
         training_data: dict | None = None,
         finetuned_from: dict | None = None,
+        inference_patch_size: Sequence[int] | None = None,
     ):
         super().__init__()
         strides = stage_strides(downsample_factor, len(block_out_channels) - 1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,8 @@ last: a body's left and right halves hold alike tissue, and so give a patch Grou
 like the whole volume's, while a front or back half is mostly air or table. On the real lung1 CT
 (48x512x512, trained `tiny`) two 48x512x264 halves score 27.19 dB, two 48x264x512 halves 25.97
 (benchmarks/planner.py)."""
+PLANNED = "planned"
+"""`patch_size` that asks for the planned grid even when the model stores an inference patch."""
 ROUTES = ("per-patch", "latent-grid")
 _SLAB = 16  # slices converted HU <-> [-1, 1] at a time, to bound temporaries
 
@@ -78,8 +81,9 @@ def _inference(method):
 class CTPAReconstructionPipeline(DiffusionPipeline):
     r"""Reconstruct whole CT volumes with a `VQGAN3D` from overlapping, blended patches.
 
-    The patch grid is planned per volume (`patch_grid`): the fewest voxels run within a memory
-    budget per patch, neighbours sharing 16 voxels, patches aligned to the downsampling factor.
+    The patch grid (`patch_grid`) uses the patch the model was trained on (its `inference_patch_size`,
+    25% overlap) or, for a model without one, is planned per volume: the fewest voxels run within a
+    memory budget per patch, neighbours sharing 16 voxels. Patches align to the downsampling factor.
 
     Two routes, both running each patch through the encoder once and the decoder once:
 
@@ -196,26 +200,34 @@ class CTPAReconstructionPipeline(DiffusionPipeline):
     def patch_grid(
         self,
         volume_shape: Sequence[int],
-        patch_size: Sequence[int] | None = None,
+        patch_size: Sequence[int] | str | None = None,
         overlap: float | int | Sequence[float | int] | None = None,
         max_patch_voxels: int | None = None,
     ) -> PatchGrid:
         """The pixel-space patch grid for a `(D, H, W)` volume, aligned to the downsampling factor.
 
-        Planned (the default, `patch_size=None`): the grid that runs the fewest voxels with at
-        most `max_patch_voxels` (default `DEFAULT_MAX_PATCH_VOXELS`) per patch and `overlap`
-        voxels (default `SEAM_FREE_LATENT_OVERLAP` latent voxels) shared by neighbours, cut
-        along W before D before H when grids cost the same (`KEEP_WHOLE_AXES`); see
-        `ctpa_vq.patching.plan_grid`. Explicit: `patch_size` with `overlap` (fraction or voxels,
-        default 0.25), patches shrunk to the volume (rounded up to the factor).
+        Default (`patch_size=None`): the model's `inference_patch_size` (the patch it was trained on,
+        for a model without GroupNorm) when it holds at most `max_patch_voxels`, else planned.
+        Planned (`patch_size="planned"`, or the default of a model without a stored patch): the grid
+        that runs the fewest voxels with at most `max_patch_voxels` (default
+        `DEFAULT_MAX_PATCH_VOXELS`) per patch and `overlap` voxels (default
+        `SEAM_FREE_LATENT_OVERLAP` latent voxels) shared by neighbours, cut along W before D before H
+        when grids cost the same (`KEEP_WHOLE_AXES`); see `ctpa_vq.patching.plan_grid`. Explicit (or
+        stored): `patch_size` with `overlap` (fraction or voxels, default 0.25), patches shrunk to
+        the volume (rounded up to the factor).
         """
         shape = _three(volume_shape, "volume_shape")
+        budget = DEFAULT_MAX_PATCH_VOXELS if max_patch_voxels is None else int(max_patch_voxels)
         if patch_size is None:
+            stored = self.vqgan.config.inference_patch_size
+            patch_size = PLANNED if stored is None or math.prod(stored) > budget else stored
+        if isinstance(patch_size, str):
+            if patch_size != PLANNED:
+                raise ValueError(f"patch_size must be (D, H, W) voxels or {PLANNED!r}, got {patch_size!r}")
             if overlap is None:
                 overlap = [SEAM_FREE_LATENT_OVERLAP * f for f in self.factor]
             if any(isinstance(o, float) for o in _three(overlap, "overlap")):
                 raise ValueError(f"a planned grid takes its overlap in voxels (an int), got {overlap}")
-            budget = DEFAULT_MAX_PATCH_VOXELS if max_patch_voxels is None else int(max_patch_voxels)
             return plan_grid(shape, budget, overlap, align=self.factor, keep_whole=KEEP_WHOLE_AXES)
         patch = tuple(
             min(int(p), -(-int(n) // f) * f) for p, n, f in zip(_three(patch_size, "patch_size"), shape, self.factor)
@@ -228,7 +240,7 @@ class CTPAReconstructionPipeline(DiffusionPipeline):
     def encode_volume(
         self,
         volume: VolumeInput,
-        patch_size: Sequence[int] | None = None,
+        patch_size: Sequence[int] | str | None = None,
         overlap: float | int | Sequence[float | int] | None = None,
         latent_blend: StitchMode = "nearest",
         batch_size: int = 1,
@@ -300,7 +312,7 @@ class CTPAReconstructionPipeline(DiffusionPipeline):
     def decode_latents(
         self,
         latents: torch.Tensor,
-        patch_size: Sequence[int] | None = None,
+        patch_size: Sequence[int] | str | None = None,
         overlap: float | int | Sequence[float | int] | None = None,
         blend: BlendMode = "linear",
         batch_size: int = 1,
@@ -313,8 +325,8 @@ class CTPAReconstructionPipeline(DiffusionPipeline):
 
         Args:
             latents: unscaled latents (a DDPM's samples go through `vqgan.unscale_latents` first).
-            patch_size, overlap, max_patch_voxels: the *pixel* grid, as for `encode_volume` (planned
-                by default); latent patches are `patch_size / f`.
+            patch_size, overlap, max_patch_voxels: the *pixel* grid, as for `encode_volume`
+                (`patch_grid`'s default); latent patches are `patch_size / f`.
             quantize: snap to the codebook first (set False for already quantised latents).
             volume_shape: crop the result to this `(D, H, W)`; default `(d*f, h*f, w*f)`.
             output_type: `"np"` or `"pt"`.
@@ -352,7 +364,7 @@ class CTPAReconstructionPipeline(DiffusionPipeline):
     def __call__(
         self,
         volume: VolumeInput,
-        patch_size: Sequence[int] | None = None,
+        patch_size: Sequence[int] | str | None = None,
         overlap: float | int | Sequence[float | int] | None = None,
         blend: BlendMode = "linear",
         batch_size: int = 1,
@@ -370,15 +382,16 @@ class CTPAReconstructionPipeline(DiffusionPipeline):
         Args:
             volume: `(D, H, W)` HU (numpy/torch, canonical orientation), a volume path (see
                 `VolumeInput`) or a nibabel image.
-            patch_size: `(D, H, W)` patch in voxels; default None: planned (`patch_grid`).
-            overlap: per-axis fraction in [0, 1) or voxel count; default: 25% of an explicit
-                patch, `SEAM_FREE_LATENT_OVERLAP` latent voxels for a planned grid (voxels only).
+            patch_size: `(D, H, W)` patch in voxels or `"planned"`; default None: the model's
+                `inference_patch_size`, else planned (`patch_grid`).
+            overlap: per-axis fraction in [0, 1) or voxel count; default: 25% of an explicit or
+                stored patch, `SEAM_FREE_LATENT_OVERLAP` latent voxels for a planned grid (voxels only).
             blend: how decoded patches blend in pixels: `"linear"` (default: a ramp across the
                 overlap, seam-free from 16 voxels; gaussian needs 24), `"gaussian"` or `"constant"`.
             batch_size: patches per model call.
             return_latents: also return the latent grid and its code indices.
             output_type: `"np"` or `"pt"` for the reconstruction.
-            max_patch_voxels: memory budget of a planned patch (default `DEFAULT_MAX_PATCH_VOXELS`).
+            max_patch_voxels: memory budget per patch (default `DEFAULT_MAX_PATCH_VOXELS`).
             latent_blend: how encoded patches combine into the latent grid, see `encode_volume`.
             route: `"per-patch"` (default): each patch is encoded, quantised and decoded on its
                 own and the decoded patches blended (the latent grid is kept on the way, at no

@@ -100,9 +100,9 @@ class TrainingConfig:
     validate_every: int = 100
     log_every: int = 10
     val_max_volumes: Optional[int] = 4  # the first N validation volumes, shared out across processes; null = all
-    val_patch_size: Optional[tuple[int, int, int]] = None  # null: the planned grid (patching.plan_grid)
+    val_patch_size: Optional[tuple[int, int, int]] = None  # null: the pipeline default, as users infer (the model's inference patch, else planned)
     val_overlap: Optional[float] = None  # with val_patch_size: a fraction of the patch (null: 0.25)
-    val_max_patch_voxels: Optional[int] = None  # the planned grid's budget per patch (null: the pipeline's default, as users infer)
+    val_max_patch_voxels: Optional[int] = None  # the budget per patch (null: the pipeline's default, as users infer)
     val_blend: str = "linear"
     val_batch_size: int = 4
     stop_at_step: Optional[int] = None  # end early (after checkpointing) without changing the schedule

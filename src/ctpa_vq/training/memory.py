@@ -43,7 +43,7 @@ from ..pipelines import CTPAReconstructionPipeline
 from .adversarial import Discriminators
 from .config import TrainConfig
 from .perceptual import PerceptualLoss2D
-from .pretrained import generator_config
+from .pretrained import generator_config, inference_patch
 from .schedules import adamw
 from .steps import critic_loss, generator_loss
 
@@ -144,9 +144,11 @@ def _trace(config: TrainConfig, gan_stage: bool, num_processes: int, run: Callab
 
 def validation_patch(config: TrainConfig, volume_shape: Sequence[int]) -> tuple[int, int, int]:
     """The patch validation runs on a ``(D, H, W)`` volume: the pipeline's grid with the recipe's
-    `val_patch_size`, `val_overlap` and `val_max_patch_voxels` (planned by default)."""
+    `val_patch_size`, `val_overlap` and `val_max_patch_voxels` (by default the inference patch the
+    run's generator records, `pretrained.inference_patch`)."""
     with torch.device("meta"):
         model = VQGAN3D(**generator_config(config.model))
+    model.register_to_config(inference_patch_size=inference_patch(model.config.norm_type, config.dataset.patch_size))
     training = config.training
     grid = CTPAReconstructionPipeline(model).patch_grid(
         volume_shape, training.val_patch_size, training.val_overlap, training.val_max_patch_voxels

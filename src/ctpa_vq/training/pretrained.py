@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import numbers
-from typing import Any
+from typing import Any, Sequence
 
 from accelerate import PartialState
 
@@ -51,6 +51,15 @@ def generator_config(model: ModelConfig) -> dict[str, Any]:
     source = resolve_model(model.pretrained)
     config = VQGAN3D.load_config(source.location, subfolder=source.subfolder, revision=source.revision)
     return _checked_config(model, _public(config))
+
+
+def inference_patch(norm_type: str, patch_size: Sequence[int]) -> list[int] | None:
+    """The `inference_patch_size` a generator trained on `patch_size` patches records: that patch for
+    a model without GroupNorm (a voxel's output does not depend on the rest of the patch, and the
+    model scores best on the patch whose borders it learned: BENCHMARKS.md, quality on real chest
+    CT), `None` (the pipeline's planned grid, the largest patches) for GroupNorm, whose statistics
+    follow the patch's content."""
+    return None if norm_type == "group" else [int(p) for p in patch_size]
 
 
 def build_generator(model: ModelConfig) -> VQGAN3D:

@@ -25,7 +25,7 @@ from .checkpoints import resolve_checkpoint
 from .config import TrainConfig, TrainingConfig
 from .nonfinite import NonFiniteGuard
 from .perceptual import PerceptualLoss2D, build_perceptual_loss
-from .pretrained import build_generator
+from .pretrained import build_generator, inference_patch
 from .sampler import EpochShuffleSampler
 from .schedules import adamw, critic_lr_factor, lr_factor
 
@@ -162,7 +162,10 @@ def build_training(config: TrainConfig, accelerator: Accelerator | None = None) 
         seed=config.training.seed,
         min_foreground_fraction=config.dataset.min_foreground_fraction,
     )  # (raises on an empty split)
-    model.register_to_config(training_data=training_data_record(train_volumes, model.config.hu_window, config))
+    model.register_to_config(
+        training_data=training_data_record(train_volumes, model.config.hu_window, config),
+        inference_patch_size=inference_patch(model.config.norm_type, config.dataset.patch_size),
+    )
     loader = DataLoader(
         dataset,
         batch_size=config.training.batch_size,
