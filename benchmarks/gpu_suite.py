@@ -10,7 +10,7 @@ warm-up, `torch.cuda.synchronize` and `reset_peak_memory_stats` / `max_memory_al
     TF32 off, `training.cudnn_benchmark=false`, `training.compile=true` (last: skipped when the budget is short);
   * validation's peak memory at `training.val_batch_size` (fp32 forward with the training state alive),
     over `predict_validation_memory`;
-  * a 604x512x512 phantom through the pipeline's planned grid: seconds and peak memory by batch size,
+  * a 604x512x512 phantom through the pipeline's default grid: seconds and peak memory by batch size,
     and the scoring's share (region labels + `reconstruction_metrics`, `benchmarks/scoring.py`);
   * `encode_dataset` volumes/s on two such volumes.
 
@@ -51,6 +51,7 @@ from ctpa_vq.training.config import TrainConfig, load_config  # noqa: E402
 from ctpa_vq.training.loop import step_schedules  # noqa: E402
 from ctpa_vq.training.memory import GIB, predict_step_memory, predict_validation_memory, with_knob  # noqa: E402
 from ctpa_vq.training.setup import TrainingParts, build_training, configure_backends  # noqa: E402
+from ctpa_vq.training.pretrained import generator_config, inference_patch  # noqa: E402
 from ctpa_vq.training.steps import model_input, train_micro_batch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -205,10 +206,13 @@ def validation_memory(parts: TrainingParts, hu: np.ndarray, config: TrainConfig)
 
 
 def reconstruction(config: TrainConfig, hu: np.ndarray, device: torch.device, scale: Scale) -> tuple[dict, CTPAReconstructionPipeline]:
-    """A fresh fp32 model (as `ctpa-vq reconstruct` runs it) on the planned grid, by batch size."""
+    """A fresh fp32 model as the recipe would export it (storing its training patch, `inference_patch`), run
+    as `ctpa-vq reconstruct` runs it, on the pipeline's default grid, by batch size."""
     torch.manual_seed(0)
-    channels = VQGAN3D.from_preset(config.model.preset).config.vq_embed_dim  # unit latent statistics: `encode` needs some
-    model = VQGAN3D.from_preset(config.model.preset, latents_mean=[0.0] * channels, latents_std=[1.0] * channels)
+    arch = generator_config(config.model)
+    channels = arch["vq_embed_dim"]  # unit latent statistics: `encode` needs some
+    model = VQGAN3D(**{**arch, "latents_mean": [0.0] * channels, "latents_std": [1.0] * channels,
+                       "inference_patch_size": inference_patch(arch["norm_type"], config.dataset.patch_size)})
     pipeline = CTPAReconstructionPipeline(model.to(device))
     pipeline.set_progress_bar_config(disable=True)
     grid = pipeline.patch_grid(hu.shape, max_patch_voxels=scale.max_patch_voxels)

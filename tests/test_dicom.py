@@ -56,6 +56,18 @@ def test_rescale_slope_and_intercept_give_hu(tmp_path):
     np.testing.assert_allclose(_source_layout(volume), fractional.transpose(2, 1, 0), atol=1e-4)
 
 
+def test_hu_beyond_int16_in_one_slice_are_kept_exactly(tmp_path):
+    """Slope 1, a negative intercept (the usual case): a metal slice reaching 38000 HU no longer fits int16,
+    so the volume widens from that slice on instead of wrapping; a slice reaching 32767 still fits."""
+    hu = SLICES.astype(np.int32)
+    hu[3, 5, 7] = 38000  # stored 41072 - 3072: above int16
+    hu[1, 0, 0] = 32767  # the top of int16 exactly, in another slice
+    write_series(tmp_path / "metal", hu)  # intercept -3072
+    volume = load_volume(tmp_path / "metal")
+    np.testing.assert_array_equal(_source_layout(volume), hu.transpose(2, 1, 0))
+    assert volume.hu.max() == 38000
+
+
 def test_rle_compressed_series_is_decoded(tmp_path):
     files = write_series(tmp_path / "rle", SLICES)
     for path in files:

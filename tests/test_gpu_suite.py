@@ -44,7 +44,8 @@ def test_smoke_mode_writes_every_figure_as_json_and_markdown(tmp_path):
     assert validation["predicted_allocated_gib"] > 0 and validation["seconds"] > 0
 
     reconstruction = result["reconstruction"]
-    assert reconstruction["grid"].startswith("1 x 2 x 2 = 4 patches")  # the planned grid, several patches
+    # the training patch the recipe stores, 25% overlap: strides 12 x 24 x 24 over 32 x 48 x 48 (by hand)
+    assert reconstruction["grid"].startswith("3 x 2 x 2 = 12 patches of 16 x 32 x 32 voxels")
     assert set(reconstruction["by_batch_size"]) == {"1", "2"}
     assert all(figures["seconds"] > 0 for figures in reconstruction["by_batch_size"].values())
     scoring = reconstruction["scoring"]

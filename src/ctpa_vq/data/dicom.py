@@ -28,8 +28,9 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from nibabel import orientations
 
-from .nifti import LPS_TO_RAS, CTFileError, CTVolume, ct_from_image
+from .nifti import LPS_TO_RAS, RAS, CTFileError, CTVolume, ct_from_image
 
 SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"  # DICOMDIR
@@ -214,9 +215,9 @@ def load_dicom_series(series: DicomSeries) -> CTVolume:
 
     rows, columns = first.size
     integral = all(float(g.slope).is_integer() and float(g.intercept).is_integer() for g in geometry)
-    # Fortran order: each slice (i, j) is one contiguous block, filled in one copy. Integral HU go
-    # straight into int16 (what is stored) while they fit, into int32 from the first slice that does not.
-    data = np.empty((columns, rows, len(order)), dtype=np.int16 if integral else np.float32, order="F")
+    # Integral HU go straight into int16 (what is stored) while they fit, into int32 from the first
+    # slice that does not; each slice is filled in one pass, in place in the canonical volume.
+    data = _canonical_buffer((columns, rows, len(order)), affine, np.int16 if integral else np.float32)
     for k, index in enumerate(order):
         path, g = series.files[index], geometry[index]
         pixels = _pixels(pydicom, path, slices[index])
@@ -226,12 +227,12 @@ def load_dicom_series(series: DicomSeries) -> CTVolume:
                                     f"{(rows, columns)}")
         if integral and g.slope == 1:  # the usual case: one pass, no temporary
             if data.dtype == np.int16 and not _fits_int16(pixels, int(g.intercept)):
-                data = data.astype(np.int32, order="F")
+                data = data.astype(np.int32, order="K")
             np.add(pixels, np.int32(g.intercept), out=data[:, :, k].T, casting="unsafe")
         elif integral:
             hu = pixels.astype(np.int32) * int(g.slope) + int(g.intercept)
             if data.dtype == np.int16 and (hu.min() < _STORED_INT16.min or hu.max() > _STORED_INT16.max):
-                data = data.astype(np.int32, order="F")
+                data = data.astype(np.int32, order="K")
             data[:, :, k] = hu.T
         else:
             data[:, :, k] = (pixels.astype(np.float64) * g.slope + g.intercept).T
@@ -239,6 +240,17 @@ def load_dicom_series(series: DicomSeries) -> CTVolume:
     image.header.set_qform(affine, code=1)  # scanner coordinates
     image.header.set_sform(affine, code=1)
     return ct_from_image(image, name)
+
+
+def _canonical_buffer(shape_ijk: tuple[int, int, int], affine: np.ndarray, dtype) -> np.ndarray:
+    """An empty ``(i, j, k)`` = (column, row, slice) array whose canonical ``(D, H, W)`` view (what
+    `ct_from_image` makes of it) is C-contiguous, so the volume is never copied to reorient it."""
+    source = orientations.io_orientation(affine)
+    if np.isnan(source).any():  # no canonical layout: `ct_from_image` names the problem
+        return np.empty(shape_ijk, dtype=dtype, order="F")
+    canonical_xyz = orientations.apply_orientation(np.broadcast_to(np.empty((), dtype), shape_ijk), source).shape
+    buffer = np.empty(canonical_xyz[::-1], dtype=dtype)  # (D, H, W)
+    return orientations.apply_orientation(buffer.transpose(2, 1, 0), orientations.ornt_transform(RAS, source))
 
 
 @dataclass
@@ -324,13 +336,17 @@ def _numbers(header, keyword: str) -> list[float] | None:
 def _check_grid(name: str, files: list[Path], geometry: list[_SliceGeometry]) -> list[int]:
     """The slice order along the normal; errors for anything but a regular grid."""
     reference = geometry[0]
-    for path, g in zip(files, geometry):
-        if np.abs(g.orientation - reference.orientation).max() > _ORIENTATION_TOLERANCE:
-            raise CTFileError(name, f"mixed orientations: {files[0].name} has ImageOrientationPatient "
-                                    f"{_fmt(reference.orientation)} but {path.name} has {_fmt(g.orientation)}")
-        if g.size != reference.size or not np.allclose(g.pixel_spacing, reference.pixel_spacing, rtol=1e-4):
-            raise CTFileError(name, f"slices differ in size: {files[0].name} is {reference.size} pixels of "
-                                    f"{reference.pixel_spacing} mm, {path.name} is {g.size} of {g.pixel_spacing} mm")
+    turned = np.abs(np.array([g.orientation for g in geometry]) - reference.orientation).max(axis=1)
+    for k in np.flatnonzero(turned > _ORIENTATION_TOLERANCE)[:1]:
+        raise CTFileError(name, f"mixed orientations: {files[0].name} has ImageOrientationPatient "
+                                f"{_fmt(reference.orientation)} but {files[k].name} has {_fmt(geometry[k].orientation)}")
+    spacings = np.array([g.pixel_spacing for g in geometry])
+    resized = ~np.isclose(spacings, reference.pixel_spacing, rtol=1e-4, atol=1e-8).all(axis=1)
+    resized |= np.array([g.size != reference.size for g in geometry])
+    for k in np.flatnonzero(resized)[:1]:
+        g = geometry[k]
+        raise CTFileError(name, f"slices differ in size: {files[0].name} is {reference.size} pixels of "
+                                f"{reference.pixel_spacing} mm, {files[k].name} is {g.size} of {g.pixel_spacing} mm")
     normal = np.cross(reference.orientation[:3], reference.orientation[3:])
     along = np.array([g.position @ normal for g in geometry])
     order = [int(i) for i in np.argsort(along, kind="stable")]
@@ -361,9 +377,10 @@ def _fits_int16(pixels: np.ndarray, intercept: int) -> bool:
     """Whether ``pixels + intercept`` stays within int16: from the dtype's range when that settles it,
     else from the slice's extremes."""
     info = np.iinfo(pixels.dtype) if pixels.dtype.kind in "iu" else None
-    if info is not None and _STORED_INT16.min <= info.min + intercept and info.max + intercept <= _STORED_INT16.max:
-        return True
-    return _STORED_INT16.min <= int(pixels.min()) + intercept and int(pixels.max()) + intercept <= _STORED_INT16.max
+    low_settled = info is not None and _STORED_INT16.min <= info.min + intercept
+    high_settled = info is not None and info.max + intercept <= _STORED_INT16.max
+    return (low_settled or _STORED_INT16.min <= int(pixels.min()) + intercept) and (
+        high_settled or int(pixels.max()) + intercept <= _STORED_INT16.max)
 
 
 def _native_pixels(dataset, syntax) -> np.ndarray | None:

@@ -19,12 +19,16 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from isal import igzip, isal_zlib
 from nibabel import orientations
 
 from ..utils.atomic import atomic_path
 
 _INT16 = np.iinfo(np.int16)
-_RAS = orientations.axcodes2ornt(("R", "A", "S"))
+_DECOMPRESSION_ERRORS = (EOFError, OSError, zlib.error, isal_zlib.error, ValueError)
+"""What reading a truncated or corrupt (gzipped) file raises: nibabel's, zlib's and ISA-L's errors."""
+RAS = orientations.axcodes2ornt(("R", "A", "S"))
+"""The canonical orientation (nibabel's `(3, 2)` form): the axes point to the right, anterior, superior."""
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 """DICOM / ITK patient coordinates (LPS) -> NIfTI's RAS: a 4x4 affine applied on the left."""
 
@@ -69,7 +73,7 @@ class CTVolume:
         """Map a canonical (D, H, W) array back to the source file's (i, j, k) voxel layout."""
         if tuple(hu.shape) != self.shape:
             raise ValueError(f"{self.name}: array shape {tuple(hu.shape)} != volume shape {self.shape}")
-        canonical_to_source = orientations.ornt_transform(_RAS, self.source_orientation)
+        canonical_to_source = orientations.ornt_transform(RAS, self.source_orientation)
         return orientations.apply_orientation(hu.transpose(2, 1, 0), canonical_to_source)
 
 
@@ -86,11 +90,19 @@ def load_ct(path: str | os.PathLike) -> CTVolume:
         raise FileNotFoundError(f"{path}: no such file")
     try:
         img = nib.load(path)
-    except (nib.filebasedimages.ImageFileError, EOFError, OSError, zlib.error, ValueError) as err:
+    except (nib.filebasedimages.ImageFileError, *_DECOMPRESSION_ERRORS) as err:
         raise CTFileError(path, f"not a readable NIfTI file ({err})") from err
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise CTFileError(path, f"is a {type(img).__name__}, expected NIfTI")
-    return ct_from_image(img, str(path))
+    if not path.name.endswith(".gz"):
+        return ct_from_image(img, str(path))
+    # ISA-L's gzip decoder streams the voxels twice as fast as zlib's, which nibabel uses
+    with igzip.open(path, "rb") as stream:
+        try:
+            img = type(img).from_stream(stream)
+        except _DECOMPRESSION_ERRORS as err:  # the header read: the rest of the file is bad
+            raise CTFileError(path, f"voxel data cannot be read: file truncated or corrupt ({err})") from err
+        return ct_from_image(img, str(path))
 
 
 def ct_from_image(img: nib.Nifti1Image, name: str) -> CTVolume:
@@ -169,7 +181,7 @@ def _read_hu(img: nib.Nifti1Image, name: str) -> np.ndarray:
             slope, inter = float(img.dataobj.slope), float(img.dataobj.inter)
         else:
             raw, slope, inter = np.asanyarray(img.dataobj), 1.0, 0.0
-    except (EOFError, OSError, zlib.error, ValueError) as err:
+    except _DECOMPRESSION_ERRORS as err:
         raise CTFileError(name, f"voxel data cannot be read: file truncated or corrupt ({err})") from err
 
     if raw.dtype.kind in "iub" and float(slope).is_integer() and float(inter).is_integer():
