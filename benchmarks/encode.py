@@ -26,7 +26,7 @@ from ctpa_vq import VQGAN3D, CTPAReconstructionPipeline
 from ctpa_vq.data.patch_dataset import VolumeStore
 from ctpa_vq.data.phantom import write_phantom_dir
 from ctpa_vq.data.prepare import prepare_dataset
-from ctpa_vq.encode import encode_dataset
+from ctpa_vq.latents.encode import encode_dataset
 
 
 def main() -> None:

@@ -45,8 +45,8 @@ from scoring import scoring_split, synchronize  # noqa: E402
 
 from ctpa_vq import VQGAN3D, CTPAReconstructionPipeline  # noqa: E402
 from ctpa_vq.data.phantom import make_phantom  # noqa: E402
-from ctpa_vq.encode import encode_dataset  # noqa: E402
-from ctpa_vq.evaluation import score_volume  # noqa: E402
+from ctpa_vq.evaluation.scoring import score_volume  # noqa: E402
+from ctpa_vq.latents.encode import encode_dataset  # noqa: E402
 from ctpa_vq.training.config import TrainConfig, load_config  # noqa: E402
 from ctpa_vq.training.loop import step_schedules  # noqa: E402
 from ctpa_vq.training.memory import GIB, predict_step_memory, predict_validation_memory, with_knob  # noqa: E402

@@ -6,7 +6,7 @@ steps, one on the phantoms of commit 4ed1936 (boxes and ellipses, white noise; i
 `phantom.py` is read with `git show` into a temporary module, never committed) and one on
 today's `ctpa_vq.data.phantom`. Each is then run through `CTPAReconstructionPipeline` on the
 two real volumes of `benchmarks/real_ct.py` (fetched once from the pyradiomics-bhklab sdist)
-and scored with `ctpa_vq.metrics.reconstruction_metrics` in HU. Also printed: how far each
+and scored with `ctpa_vq.evaluation.metrics.reconstruction_metrics` in HU. Also printed: how far each
 phantom set's HU distribution is from the real volumes' (Wasserstein-1 distance in HU, inside
 the scanner's field of view and the model's window).
 
@@ -41,8 +41,8 @@ from real_ct import REAL_CT_NAMES, RealCTUnavailable, load_real_ct  # noqa: E402
 import ctpa_vq.data.phantom as new_phantom  # noqa: E402
 from ctpa_vq import VQGAN3D  # noqa: E402
 from ctpa_vq.data.prepare import prepare_dataset  # noqa: E402
-from ctpa_vq.intensity import DEFAULT_HU_WINDOW  # noqa: E402
-from ctpa_vq.metrics import reconstruction_metrics  # noqa: E402
+from ctpa_vq.evaluation.metrics import reconstruction_metrics  # noqa: E402
+from ctpa_vq.models.intensity import DEFAULT_HU_WINDOW  # noqa: E402
 from ctpa_vq.pipelines import CTPAReconstructionPipeline  # noqa: E402
 from ctpa_vq.training import load_config, train  # noqa: E402
 

@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from trained_tiny import PATCH as TRAINING_PATCH, trained_tiny  # noqa: E402
 
 from ctpa_vq.data.phantom import make_phantom  # noqa: E402
-from ctpa_vq.intensity import hu_to_unit  # noqa: E402
+from ctpa_vq.models.intensity import hu_to_unit  # noqa: E402
 from ctpa_vq.patching import PatchGrid, PatchStitcher, plan_grid  # noqa: E402
 from ctpa_vq.pipelines import CTPAReconstructionPipeline  # noqa: E402
 from ctpa_vq.pipelines.reconstruction import DEFAULT_MAX_PATCH_VOXELS  # noqa: E402
@@ -105,7 +105,7 @@ def _child(method: str, shape) -> dict:
     model = pipeline.vqgan
     hu = make_phantom(shape, seed=7)
     if method in ("floor", "planned"):
-        from ctpa_vq.allocator import keep_freed_memory
+        from ctpa_vq.utils.allocator import keep_freed_memory
 
         keep_freed_memory()
     usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -221,7 +221,7 @@ def _real_options(variant: str, shape) -> dict:
 def real_table(names, variants) -> None:
     from real_ct import load_real_ct
 
-    from ctpa_vq.metrics import reconstruction_metrics
+    from ctpa_vq.evaluation.metrics import reconstruction_metrics
 
     pipeline = _pipeline()
     print(f"\nreal chest CTs (benchmarks/real_ct.py), trained tiny model (training patch {TRAINING_PATCH}); "

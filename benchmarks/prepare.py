@@ -52,8 +52,8 @@ from dicom_series import write_series  # noqa: E402
 
 from ctpa_vq.data.phantom import make_phantom  # noqa: E402
 from ctpa_vq.data.prepare import prepare_dataset  # noqa: E402
+from ctpa_vq.data.privacy import PseudonymKey  # noqa: E402
 from ctpa_vq.data.volume_io import find_volumes  # noqa: E402
-from ctpa_vq.privacy import PseudonymKey  # noqa: E402
 
 COLLECTIONS = {"RSPECT (DICOM)": ("dicom", 7279, 250 * 512 * 512), "CT-RATE (NIfTI)": ("nifti", 50188, 300 * 512 * 512)}
 

@@ -35,7 +35,7 @@ Models (~0.5 M parameters each):
   4 continuous latent channels (far more bits per latent voxel), decoded from the latent mean.
 * ``tricubic`` (and ``trilinear``): 4x4x4 block mean, ``scipy.ndimage.zoom`` back with order 3 (1).
 
-Figures (:mod:`ctpa_vq.metrics`, :mod:`ctpa_vq.regions`): PSNR/SSIM in HU over -1024..2048 for
+Figures (:mod:`ctpa_vq.evaluation.metrics`, :mod:`ctpa_vq.evaluation.regions`): PSNR/SSIM in HU over -1024..2048 for
 the whole volume and over the body mask, mean absolute HU error over the body.
 
 Every (method, seed, steps, threads) run is appended to ``--results`` (JSON lines) as it ends, and
@@ -69,11 +69,11 @@ from real_ct import SPLIT, RealCTUnavailable, load_real_ct  # noqa: E402
 
 from ctpa_vq import VQGAN3D  # noqa: E402
 from ctpa_vq.data.phantom import make_phantom  # noqa: E402
-from ctpa_vq.intensity import DEFAULT_HU_WINDOW, hu_to_unit, unit_to_hu  # noqa: E402
-from ctpa_vq.metrics import reconstruction_metrics  # noqa: E402
+from ctpa_vq.evaluation.metrics import reconstruction_metrics  # noqa: E402
+from ctpa_vq.evaluation.regions import body_mask, region_labels  # noqa: E402
+from ctpa_vq.models.intensity import DEFAULT_HU_WINDOW, hu_to_unit, unit_to_hu  # noqa: E402
 from ctpa_vq.pipelines import CTPAReconstructionPipeline  # noqa: E402
 from ctpa_vq.pipelines.reconstruction import PLANNED  # noqa: E402
-from ctpa_vq.regions import body_mask, region_labels  # noqa: E402
 from ctpa_vq.training.losses import dense_weighted_l1, ssim_loss  # noqa: E402
 from ctpa_vq.training.pretrained import inference_patch  # noqa: E402
 

@@ -37,9 +37,9 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ctpa_vq.atomic import atomic_folder, atomic_path
 from ctpa_vq.data.nifti import CTVolume, save_ct_like
 from ctpa_vq.data.volume_io import load_volume
+from ctpa_vq.utils.atomic import atomic_folder, atomic_path
 
 
 @dataclass(frozen=True)

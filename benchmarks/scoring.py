@@ -26,8 +26,8 @@ from torchmetrics.functional.image import structural_similarity_index_measure
 
 from ctpa_vq import VQGAN3D, CTPAReconstructionPipeline
 from ctpa_vq.data.phantom import make_phantom
-from ctpa_vq.metrics import SSIM_KERNEL, SSIM_SIGMA, reconstruction_metrics, ssim_hu
-from ctpa_vq.regions import region_labels
+from ctpa_vq.evaluation.metrics import SSIM_KERNEL, SSIM_SIGMA, reconstruction_metrics, ssim_hu
+from ctpa_vq.evaluation.regions import region_labels
 
 
 def synchronize(device: torch.device) -> None:

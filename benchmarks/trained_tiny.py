@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from ctpa_vq import VQGAN3D
-from ctpa_vq.atomic import atomic_folder
 from ctpa_vq.data.phantom import make_phantom
-from ctpa_vq.intensity import hu_to_unit
+from ctpa_vq.models.intensity import hu_to_unit
+from ctpa_vq.utils.atomic import atomic_folder
 
 PATCH = (32, 64, 64)
 

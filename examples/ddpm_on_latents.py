@@ -3,7 +3,7 @@
 1. The table: `ctpa-vq encode` output (`--latents DIR`, with the `--model` that encoded it). Without
    them, the script makes one: a tiny untrained model whose latent statistics are measured on
    phantoms (what `ctpa-vq latent-stats` does), phantom CT volumes written as NIfTI, and
-   `ctpa_vq.encode.encode_dataset` over them, so it runs standalone. It trains no autoencoder:
+   `ctpa_vq.latents.encode.encode_dataset` over them, so it runs standalone. It trains no autoencoder:
    the point is the contract, not quality.
 2. Read the table (`load_encoded`) and train on its `latents_scaled` column: the whole-volume
    latent grids, standardised with the statistics stored in the model's config.
@@ -38,12 +38,12 @@ from diffusers import DDPMScheduler, UNet3DConditionModel
 from tqdm.auto import tqdm
 
 from ctpa_vq import VQGAN3D
-from ctpa_vq.atomic import atomic_path
 from ctpa_vq.data.phantom import make_phantom, write_phantom_dir
-from ctpa_vq.encode import encode_dataset, latents_as_tensor, load_encoded
-from ctpa_vq.latent_stats import compute_latent_stats, write_latent_stats
-from ctpa_vq.model_source import resolve_model
+from ctpa_vq.hub.model_source import resolve_model
+from ctpa_vq.latents.encode import encode_dataset, latents_as_tensor, load_encoded
+from ctpa_vq.latents.stats import compute_latent_stats, write_latent_stats
 from ctpa_vq.pipelines import CTPAReconstructionPipeline
+from ctpa_vq.utils.atomic import atomic_path
 
 CROSS_ATTENTION_DIM = 16
 
@@ -77,7 +77,7 @@ def build_demo_model(folder: Path, shape: tuple[int, int, int]) -> Path:
 
 
 def load_model(name_or_path: str) -> VQGAN3D:
-    """The `VQGAN3D` of a pipeline or model folder or Hub repo (`ctpa_vq.model_source.resolve_model`)."""
+    """The `VQGAN3D` of a pipeline or model folder or Hub repo (`ctpa_vq.hub.model_source.resolve_model`)."""
     source = resolve_model(name_or_path)
     return VQGAN3D.from_pretrained(source.location, subfolder=source.subfolder)
 

@@ -8,7 +8,7 @@ import torch
 
 from ctpa_vq import VQGAN3D
 
-from ctpa_vq.privacy import KEY_FILE_ENV
+from ctpa_vq.data.privacy import KEY_FILE_ENV
 
 
 @pytest.fixture(autouse=True)

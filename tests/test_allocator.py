@@ -15,7 +15,7 @@ PAGES = 64 * 2**20 // 4096  # 4 KiB pages of one 64 MiB block: above glibc's lar
 CHILD = """
 import json, resource, sys, torch
 if sys.argv[1] == "keep":
-    from ctpa_vq.allocator import keep_freed_memory
+    from ctpa_vq.utils.allocator import keep_freed_memory
     assert keep_freed_memory()
 torch.ones(1)
 faults = []

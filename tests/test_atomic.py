@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ctpa_vq.atomic import atomic_folder
+from ctpa_vq.utils.atomic import atomic_folder
 
 
 def test_a_finished_folder_replaces_the_old_one_and_leaves_nothing_beside_it(tmp_path):

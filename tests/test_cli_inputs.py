@@ -14,9 +14,9 @@ import torch
 from ctpa_vq import VQGAN3D
 from ctpa_vq.cli import main
 from ctpa_vq.data.phantom import make_phantom
+from ctpa_vq.data.privacy import PseudonymKey
 from ctpa_vq.data.volume_io import load_volume
 from ctpa_vq.pipelines import load_reconstruction_pipeline
-from ctpa_vq.privacy import PseudonymKey
 
 from dicom_series import PATIENT_ID, PATIENT_NAME, expected_affine, make_undecodable, oblique_orientation, write_series
 

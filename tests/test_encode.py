@@ -24,8 +24,8 @@ from ctpa_vq import VQGAN3D, CTPAReconstructionPipeline
 from ctpa_vq.data.nifti import load_ct
 from ctpa_vq.data.patch_dataset import VolumeStore
 from ctpa_vq.data.prepare import prepare_dataset
-from ctpa_vq.encode import encode_dataset, encoded_ids, latents_as_tensor, list_volumes, load_encoded
-from ctpa_vq.privacy import PseudonymKey
+from ctpa_vq.data.privacy import PseudonymKey
+from ctpa_vq.latents.encode import encode_dataset, encoded_ids, latents_as_tensor, list_volumes, load_encoded
 
 ACCELERATE_CPU = Path(__file__).resolve().parents[1] / "accelerate_configs" / "cpu.yaml"  # torchrun + gloo
 WINDOW = (-1024.0, 2048.0)

@@ -13,7 +13,7 @@ from ctpa_vq.cli import main
 from ctpa_vq.data.nifti import load_ct
 from ctpa_vq.data.phantom import write_phantom_nifti
 from ctpa_vq.data.prepare import prepare_dataset
-from ctpa_vq.metrics import reconstruction_metrics
+from ctpa_vq.evaluation.metrics import reconstruction_metrics
 from ctpa_vq.pipelines import load_reconstruction_pipeline
 
 PATCH = ["--patch", "16", "32", "32"]

@@ -18,8 +18,9 @@ from safetensors.torch import load_file
 from ctpa_vq import VQGAN3D
 from ctpa_vq.data.patch_dataset import RandomPatchDataset, VolumeStore
 from ctpa_vq.data.phantom import make_phantom
-from ctpa_vq.hub import build_model_card, push_to_hub
-from ctpa_vq.intensity import hu_to_unit
+from ctpa_vq.hub.card import build_model_card
+from ctpa_vq.hub.push import push_to_hub
+from ctpa_vq.models.intensity import hu_to_unit
 from ctpa_vq.pipelines import CTPAReconstructionPipeline
 from ctpa_vq.training import load_config
 from ctpa_vq.training.pretrained import build_generator, freeze, generator_config

@@ -23,7 +23,7 @@ from huggingface_hub.errors import RepositoryNotFoundError
 from safetensors.torch import load_file
 
 from ctpa_vq import VQGAN3D
-from ctpa_vq.hub import HubPushError, push_to_hub
+from ctpa_vq.hub.push import HubPushError, push_to_hub
 from ctpa_vq.pipelines import CTPAReconstructionPipeline
 
 from hub_server import serve
@@ -137,7 +137,7 @@ def test_push_then_from_pretrained_returns_same_weights(hub, model_dir, pipeline
 def test_pushed_pipeline_loads_with_the_pipeline_class(hub, pipeline_dir, tmp_path):
     push_to_hub(pipeline_dir, "lab/pipeline-class", endpoint=hub, token=TOKEN)
     load = textwrap.dedent("""
-        from ctpa_vq.model_source import resolve_model
+        from ctpa_vq.hub.model_source import resolve_model
         from ctpa_vq.pipelines import load_reconstruction_pipeline
         pipe = load_reconstruction_pipeline("lab/pipeline-class")
         source = resolve_model("lab/pipeline-class")
@@ -306,7 +306,7 @@ def test_push_scrubs_local_paths_and_describes_the_data(hub, tmp_path):
 
 def test_card_reports_validation_quality_not_the_ssim_training_loss(model_dir):
     """metrics.csv's `ssim_loss` column (1 - SSIM, a training term) is not an SSIM result of the model."""
-    from ctpa_vq.hub import build_model_card
+    from ctpa_vq.hub.card import build_model_card
 
     (model_dir / "metrics.csv").write_text("step,loss,l1,ssim_loss,val_psnr,val_ssim\n5,0.3,0.05,0.2,,\n5,,,,27.5,0.81\n")
     card = build_model_card(model_dir, "lab/ctpa-vq-tiny")

@@ -13,7 +13,7 @@ import torch
 from ctpa_vq import CTPAReconstructionPipeline, VQGAN3D
 from ctpa_vq.cli import main
 from ctpa_vq.data.patch_dataset import VolumeStore
-from ctpa_vq.metrics import psnr_hu
+from ctpa_vq.evaluation.metrics import psnr_hu
 from ctpa_vq.training.config import load_config
 from ctpa_vq.training.loop import train
 from ctpa_vq.training.memory import validation_patch

@@ -15,9 +15,9 @@ import torch
 from ctpa_vq import VQGAN3D
 from ctpa_vq.cli import main
 from ctpa_vq.data.phantom import make_phantom
-from ctpa_vq.input_spec import InputSpecWarning, describe_training_data, training_spacing
+from ctpa_vq.models.input_spec import InputSpecWarning, describe_training_data, training_spacing
 from ctpa_vq.pipelines import CTPAReconstructionPipeline
-from ctpa_vq.spacing import reconstruct_volume
+from ctpa_vq.pipelines.spacing import reconstruct_volume
 
 WINDOW = (-1024.0, 2048.0)
 FAST = ["--patch", "16", "32", "32", "--no-progress"]
@@ -129,7 +129,7 @@ def test_reconstruct_at_the_training_spacing_lands_on_the_input_grid(tmp_path, c
 
 
 def test_evaluate_and_encode_name_the_volume_outside_the_record(tmp_path, capsys):
-    from ctpa_vq.encode import encode_dataset
+    from ctpa_vq.latents.encode import encode_dataset
 
     pipe = _pipeline(_record())
     pipe.vqgan.register_to_config(latents_mean=[0.0] * 8, latents_std=[1.0] * 8)

@@ -11,8 +11,8 @@ import torch
 from ctpa_vq import VQGAN3D
 from ctpa_vq.cli import main
 from ctpa_vq.data.phantom import write_phantom_dir
+from ctpa_vq.latents.stats import LatentStats, RunningChannelStats, write_latent_stats
 from ctpa_vq.pipelines import CTPAReconstructionPipeline, load_reconstruction_pipeline
-from ctpa_vq.latent_stats import LatentStats, RunningChannelStats, write_latent_stats
 
 
 def test_streaming_stats_equal_the_stats_of_everything_at_once():

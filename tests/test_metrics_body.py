@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from ctpa_vq.metrics import reconstruction_metrics, ssim_hu
+from ctpa_vq.evaluation.metrics import reconstruction_metrics, ssim_hu
 
 WINDOW = (-1024.0, 2048.0)
 # region: (HU in the reference, error the reconstruction makes there)

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from ctpa_vq import CTPAReconstructionPipeline, VQGAN3D
-from ctpa_vq.model_source import ModelSourceError, resolve_model
+from ctpa_vq.hub.model_source import ModelSourceError, resolve_model
+from ctpa_vq.hub.remote_code import write_remote_code
 from ctpa_vq.pipelines import load_reconstruction_pipeline
-from ctpa_vq.remote_code import write_remote_code
 
 
 @pytest.fixture(scope="module")

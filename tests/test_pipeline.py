@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from ctpa_vq import CTPAReconstructionPipeline, VQGAN3D
 from ctpa_vq.data.nifti import CTFileError
-from ctpa_vq.intensity import hu_to_unit
+from ctpa_vq.models.intensity import hu_to_unit
 from ctpa_vq.patching import BLEND_MODES
 from ctpa_vq.pipelines import CTPAReconstructionOutput, load_reconstruction_pipeline
 from ctpa_vq.pipelines.reconstruction import ROUTES

@@ -15,7 +15,7 @@ from ctpa_vq.cli import main
 from ctpa_vq.data.nifti import load_ct
 from ctpa_vq.data.phantom import write_phantom_dir, write_phantom_nifti
 from ctpa_vq.data.prepare import prepare_dataset, split_patients
-from ctpa_vq.privacy import PseudonymKey
+from ctpa_vq.data.privacy import PseudonymKey
 
 SHAPE = (16, 20, 24)
 
@@ -35,7 +35,7 @@ def _add_bad_files(directory):
 
 
 def _keyed_hash(key_file, text):
-    """HMAC-SHA256 pseudonym computed here from the key file, independently of ctpa_vq.privacy."""
+    """HMAC-SHA256 pseudonym computed here from the key file, independently of ctpa_vq.data.privacy."""
     secret = bytes.fromhex(open(key_file).read().strip())
     return "p" + hmac.new(secret, text.encode(), hashlib.sha256).hexdigest()[:16]
 

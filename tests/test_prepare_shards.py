@@ -19,7 +19,7 @@ import pytest
 
 from ctpa_vq.data.phantom import write_phantom_dir, write_phantom_nifti
 from ctpa_vq.data.prepare import prepare_dataset
-from ctpa_vq.privacy import KEY_FILE_ENV, PseudonymKey
+from ctpa_vq.data.privacy import KEY_FILE_ENV, PseudonymKey
 
 SHAPE = (12, 16, 20)
 PATIENTS = 9

@@ -1,10 +1,10 @@
-"""Body mask and HU regions (ctpa_vq.regions) on synthetic bodies with known anatomy."""
+"""Body mask and HU regions (ctpa_vq.evaluation.regions) on synthetic bodies with known anatomy."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from ctpa_vq.regions import OUTSIDE, REGIONS, body_mask, region_labels
+from ctpa_vq.evaluation.regions import OUTSIDE, REGIONS, body_mask, region_labels
 
 LABEL = {name: i + 1 for i, name in enumerate(REGIONS)}
 

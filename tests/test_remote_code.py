@@ -19,7 +19,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 from ctpa_vq import VQGAN3D, CTPAReconstructionPipeline
-from ctpa_vq.remote_code import MODEL_MODULE, PIPELINE_MODULE, bundle_module, write_remote_code
+from ctpa_vq.hub.remote_code import MODEL_MODULE, PIPELINE_MODULE, bundle_module, write_remote_code
 from lean_site import lean_site
 
 # What the README promises a downstream user needs to load a pushed pipeline with diffusers alone.

@@ -1,4 +1,4 @@
-"""The separable 3D SSIM of `ctpa_vq.metrics` against an independent float64 computation.
+"""The separable 3D SSIM of `ctpa_vq.evaluation.metrics` against an independent float64 computation.
 
 The reference is the textbook formula written out in NumPy: the full (non-separable) 11^3
 Gaussian kernel over every window of the reflect-padded volumes (torchmetrics' padding), local
@@ -13,8 +13,8 @@ import pytest
 from numpy.lib.stride_tricks import sliding_window_view
 
 from ctpa_vq.data.phantom import make_phantom
-from ctpa_vq.metrics import reconstruction_metrics, ssim_hu
-from ctpa_vq.regions import OUTSIDE, region_labels
+from ctpa_vq.evaluation.metrics import reconstruction_metrics, ssim_hu
+from ctpa_vq.evaluation.regions import OUTSIDE, region_labels
 
 WINDOW = (-1024.0, 2048.0)
 

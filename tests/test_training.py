@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from ctpa_vq import VQGAN3D
 from ctpa_vq.cli import main
 from ctpa_vq.data.patch_dataset import VolumeStore
-from ctpa_vq.metrics import psnr_hu
+from ctpa_vq.evaluation.metrics import psnr_hu
 from ctpa_vq.pipelines import CTPAReconstructionPipeline
 from ctpa_vq.training import load_config
 from ctpa_vq.training.checkpoints import resolve_checkpoint

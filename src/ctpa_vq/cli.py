@@ -60,7 +60,7 @@ def _pseudonymise(args: argparse.Namespace):
     The key is loaded (or created) on the first identifier, so a run that prints none needs none."""
     from functools import cache
 
-    from .privacy import PseudonymKey
+    from .data.privacy import PseudonymKey
 
     if args.keep_identifiers:
         return str
@@ -80,7 +80,7 @@ def _shard(text: str) -> tuple[int, int]:
 
 def _run_prepare(args: argparse.Namespace) -> int:
     from .data.prepare import combine_parts, prepare_dataset, process_rank
-    from .privacy import PseudonymKey
+    from .data.privacy import PseudonymKey
 
     if args.combine:
         if args.input:
@@ -162,7 +162,7 @@ def _add_push(subparsers) -> None:
 
 
 def _run_push(args: argparse.Namespace) -> int:
-    from .hub import push_to_hub
+    from .hub.push import push_to_hub
 
     result = push_to_hub(
         args.model, args.repo_id, private=args.private, revision=args.revision, endpoint=args.endpoint,
@@ -188,7 +188,7 @@ def _add_latent_stats(subparsers) -> None:
 
 
 def _run_latent_stats(args: argparse.Namespace) -> int:
-    from .latent_stats import compute_and_store_latent_stats
+    from .latents.stats import compute_and_store_latent_stats
 
     result = compute_and_store_latent_stats(
         args.model, args.input, **_grid_options(args), progress=not args.no_progress
@@ -223,7 +223,7 @@ def _add_encode(subparsers) -> None:
 
 
 def _run_encode(args: argparse.Namespace) -> int:
-    from .encode import encode_dataset
+    from .latents.encode import encode_dataset
 
     report = encode_dataset(
         args.model, args.input, args.output, splits=args.split, **_grid_options(args),
@@ -275,7 +275,7 @@ def _spacing_value(text: str) -> str | float:
 
 
 def _spacing(args: argparse.Namespace):
-    """--spacing as `ctpa_vq.spacing.reconstruct_volume` takes it: None, "training" or (D, H, W)."""
+    """--spacing as `ctpa_vq.pipelines.spacing.reconstruct_volume` takes it: None, "training" or (D, H, W)."""
     if args.spacing is None:
         return None
     if args.spacing == ["training"]:
@@ -310,7 +310,7 @@ def _add_inference_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _load_pipeline(args: argparse.Namespace):
-    from .model_source import resolve_model
+    from .hub.model_source import resolve_model
     from .pipelines import load_reconstruction_pipeline
 
     device = _device(args.device)
@@ -389,9 +389,9 @@ def _run_reconstruct(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .data.volume_io import VOLUME_SUFFIXES, load_volume, save_volume_like
-    from .metrics import SSIM_KERNEL, psnr_hu, reconstruction_metrics
-    from .spacing import reconstruct_volume, target_spacing
-    from .visualize import save_mid_slices
+    from .evaluation.metrics import SSIM_KERNEL, psnr_hu, reconstruction_metrics
+    from .evaluation.visualize import save_mid_slices
+    from .pipelines.spacing import reconstruct_volume, target_spacing
 
     output = Path(args.output)
     if not output.name.endswith(VOLUME_SUFFIXES):
@@ -456,8 +456,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
     from .data.dicom import SkippedSeries
     from .data.nifti import CTFileError
-    from .evaluation import VolumeScore, iter_volumes, score_volume, write_scores_csv
-    from .spacing import target_spacing
+    from .evaluation.scoring import VolumeScore, iter_volumes, score_volume, write_scores_csv
+    from .pipelines.spacing import target_spacing
 
     def summary(score: VolumeScore) -> str:
         return (
@@ -492,7 +492,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
             warnings.simplefilter("ignore", RuntimeWarning)  # a region empty in every volume stays NaN
             mean = VolumeScore("mean", **{key: float(np.nanmean(v)) for key, v in values.items()})
         low, high = pipeline.window
-        print(f"mean over {len(scores)} volumes: {summary(mean)} (HU window {low:g}..{high:g}; regions: ctpa_vq.regions)")
+        print(f"mean over {len(scores)} volumes: {summary(mean)} "
+              f"(HU window {low:g}..{high:g}; regions: ctpa_vq.evaluation.regions)")
     if args.csv and scores:
         write_scores_csv(scores, args.csv)
     if failures:
@@ -507,7 +508,7 @@ def _show_input_warnings(command: str, show_others):
     """`warnings.showwarning` that prints a volume's `InputSpecWarning` as one line, like the errors."""
 
     def show(message, category, filename, lineno, file=None, line=None):
-        from .input_spec import InputSpecWarning
+        from .models.input_spec import InputSpecWarning
 
         if issubclass(category, InputSpecWarning):
             print(f"ctpa-vq {command}: warning: {message}", file=sys.stderr)
@@ -531,7 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .allocator import keep_freed_memory
+    from .utils.allocator import keep_freed_memory
 
     args = build_parser().parse_args(argv)
     keep_freed_memory()  # this process is ours: reuse freed activations instead of re-faulting them

@@ -15,7 +15,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from ..atomic import atomic_path
+from ..utils.atomic import atomic_path
 from .nifti import LPS_TO_RAS, CTFileError, CTVolume, _as_storage_dtype, ct_from_image
 
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")

@@ -21,7 +21,7 @@ import nibabel as nib
 import numpy as np
 from nibabel import orientations
 
-from ..atomic import atomic_path
+from ..utils.atomic import atomic_path
 
 _INT16 = np.iinfo(np.int16)
 try:  # ISA-L's gzip decoder: twice zlib's speed on .nii.gz (a dependency; a bundled remote-code copy may lack it)

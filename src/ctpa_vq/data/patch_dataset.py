@@ -14,7 +14,7 @@ through the pipeline's planned grid instead.
 Items are ``hu``: the patch as stored, a contiguous int16 HU tensor (1, pd, ph, pw). Copying
 it out of the memory map is nearly the whole cost of an item (the positions are drawn once per
 epoch, a position's foreground probe reads about 1/30 of the patch's pages); the HU window and
-the float conversion (:func:`~ctpa_vq.intensity.hu_to_unit`) happen on the GPU inside the
+the float conversion (:func:`~ctpa_vq.models.intensity.hu_to_unit`) happen on the GPU inside the
 training step, on half the bytes a float32 batch would move. Volumes smaller than the training
 patch are an error naming the patient, raised when the dataset is built: a patch that is mostly
 padding would teach the model the padding.

@@ -42,7 +42,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from ..atomic import atomic_path
+from ..utils.atomic import atomic_path
 
 Z_EXTENT = 2.0  # the z range [0, 1] spans 2 units of x and y
 

@@ -29,7 +29,7 @@ every ``n``-th shard, and under ``accelerate launch`` each process takes its sha
 (``RANK``/``WORLD_SIZE``); the index that makes the shards a dataset is written by the process that
 sees every shard finished (:func:`combine_parts` joins parts prepared into different folders).
 
-Privacy: by default the dataset holds pseudonyms (:mod:`ctpa_vq.privacy`), never a patient id or
+Privacy: by default the dataset holds pseudonyms (:mod:`ctpa_vq.data.privacy`), never a patient id or
 a path: ``patient_id`` is the keyed hash of the patient id and ``source`` that of the path relative
 to the input directory. Only geometry and HU reach the dataset from a DICOM file. The manifests
 and ``prepare_report.json`` in the output hold the same pseudonyms, never a path.
@@ -53,7 +53,6 @@ from typing import Callable, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..privacy import PseudonymKey
 from .dicom import SkippedSeries, find_series, is_dicom_file
 from .nifti import CTFileError
 from .prepare_shards import (
@@ -71,6 +70,7 @@ from .prepare_shards import (
     write_json,
 )
 from .hub_input import fetched, is_hub_path, list_hub_entries
+from .privacy import PseudonymKey
 from .resample import resample, resampled_affine
 from .series_selection import select_series
 from .volume_io import INPUT_KINDS, VOLUME_SUFFIXES, VolumeSource, find_volumes, load_volume

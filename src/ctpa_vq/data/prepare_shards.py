@@ -9,7 +9,7 @@ A ``prepare`` output folder ``OUT`` holds::
     OUT/dataset_dict.json, OUT/<split>/state.json, dataset_info.json   the index, written last
     OUT/prepare_report.json          prepared / skipped counts and reasons
 
-A shard's Arrow files are written atomically (:func:`~ctpa_vq.atomic.atomic_path`) and its manifest
+A shard's Arrow files are written atomically (:func:`~ctpa_vq.utils.atomic.atomic_path`) and its manifest
 after them, so a manifest means a finished shard and a re-run skips it. The index is exactly what
 ``Dataset.save_to_disk`` writes (``state.json`` lists the split's files, in shard order), so
 ``datasets.load_from_disk(OUT)`` opens the shards where they lie, memory-mapped, with no copy.
@@ -29,7 +29,7 @@ import datasets
 import numpy as np
 import pyarrow as pa
 
-from ..atomic import atomic_path
+from ..utils.atomic import atomic_path
 
 PLAN_FILE = "prepare_plan.json"
 REPORT_FILE = "prepare_report.json"

@@ -1,4 +1,5 @@
-"""The VQ-GAN generator and its building blocks."""
+"""The VQ-GAN generator and its building blocks, and its input contract: the HU window
+(`intensity`) and the record of its training data (`input_spec`)."""
 
 from .discriminators import PatchDiscriminator
 from .presets import PRESETS

@@ -14,8 +14,8 @@ from diffusers.models.autoencoders.vq_model import VQEncoderOutput
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput, is_accelerate_available
 
-from ..intensity import DEFAULT_HU_WINDOW
 from .blocks import Decoder3D, Encoder3D, stage_strides
+from .intensity import DEFAULT_HU_WINDOW
 from .quantizer import EMAVectorQuantizer, FiniteScalarQuantizer, QuantizerOutput
 
 logger = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ class VQGAN3D(ModelMixin, ConfigMixin):
             until computed (`ctpa-vq latent-stats`).
         training_data: the input specification of the data the model was (last) trained on:
             spacing, HU window, clipped fraction, orientation, patch size, volume count
-            (`ctpa_vq.input_spec`); `None` for models exported before it was recorded.
+            (`ctpa_vq.models.input_spec`); `None` for models exported before it was recorded.
         finetuned_from: the model this one was fine-tuned from, `{"source": "hub", "repo_id",
             "revision"}` or `{"source": "local"}`; `None` for a model trained from scratch.
         (The last two are records only: they change nothing the model computes.)

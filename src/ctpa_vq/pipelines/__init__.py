@@ -1,4 +1,5 @@
-"""Inference pipelines built on the model and the patch stitcher."""
+"""Inference pipelines built on the model and the patch stitcher: `CTPAReconstructionPipeline`
+(`reconstruction`), and running it at another voxel spacing than a volume's own (`spacing`)."""
 
 from __future__ import annotations
 

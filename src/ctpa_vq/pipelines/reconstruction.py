@@ -17,10 +17,10 @@ from diffusers.utils import BaseOutput
 
 from ..data.nifti import ct_from_image
 from ..data.volume_io import load_volume
-from ..input_spec import check_volume
-from ..intensity import hu_to_unit, unit_to_hu
-from ..model_source import ModelSource, local_model, resolve_model
+from ..hub.model_source import ModelSource, local_model, resolve_model
 from ..models import VQGAN3D
+from ..models.input_spec import check_volume
+from ..models.intensity import hu_to_unit, unit_to_hu
 from ..patching import BlendMode, PatchGrid, PatchStitcher, StitchMode, plan_grid
 
 VolumeInput = Union[np.ndarray, torch.Tensor, str, os.PathLike, nib.Nifti1Image]
@@ -128,7 +128,7 @@ class CTPAReconstructionPipeline(DiffusionPipeline):
                 **{k: kwargs.pop(k) for k in hub_args if k in kwargs},
             )
         source = local_model(pretrained_model_name_or_path)
-        if source.bundles_code:  # the layout for diffusers alone (`ctpa_vq.remote_code`): use this package's classes
+        if source.bundles_code:  # the layout for diffusers alone (`ctpa_vq.hub.remote_code`): use this package's classes
             return cls(vqgan=VQGAN3D.from_pretrained(source.location, subfolder=source.subfolder, **kwargs))
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
@@ -172,7 +172,7 @@ class CTPAReconstructionPipeline(DiffusionPipeline):
         self, hu: np.ndarray | torch.Tensor, spacing: Sequence[float] | None = None, name: str = "volume"
     ) -> list[str]:
         """Compare a volume (HU `(D, H, W)`, spacing in mm if known) with the model's `training_data`
-        record: one `ctpa_vq.input_spec.InputSpecWarning` naming `name` and what lies outside it
+        record: one `ctpa_vq.models.input_spec.InputSpecWarning` naming `name` and what lies outside it
         (spacing, clipped fraction); never raises. Silent for a model without the record."""
         return check_volume(getattr(self.vqgan.config, "training_data", None), name, hu, spacing, self.window)
 
@@ -400,7 +400,7 @@ class CTPAReconstructionPipeline(DiffusionPipeline):
                 model 0.1 dB lower with 64^3 patches, equal when one patch covers the volume).
             spacing, name: an array's voxel spacing in mm (D, H, W) and a name, for `check_input`'s
                 warning when the volume lies outside the model's training data (a file or nibabel
-                image gives its own); the volume is not resampled (see `ctpa_vq.spacing`).
+                image gives its own); the volume is not resampled (see `ctpa_vq.pipelines.spacing`).
 
         Returns:
             `CTPAReconstructionOutput` (or a tuple `(reconstruction, latents, indices)`).
@@ -432,7 +432,7 @@ def load_reconstruction_pipeline(
     model: str | os.PathLike | ModelSource, torch_dtype: torch.dtype | None = None
 ) -> CTPAReconstructionPipeline:
     """A pipeline from a saved pipeline or a bare `VQGAN3D`, as a local folder or a Hub repo id
-    (`org/name[@revision]`, `ctpa_vq.model_source.resolve_model`), or from an already resolved `ModelSource`."""
+    (`org/name[@revision]`, `ctpa_vq.hub.model_source.resolve_model`), or from an already resolved `ModelSource`."""
     source = model if isinstance(model, ModelSource) else resolve_model(model)
     kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
     if source.revision is not None:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
-from ..atomic import fsync_dir, partial_folder, replace_folder
+from ..utils.atomic import fsync_dir, partial_folder, replace_folder
 
 _NAME = re.compile(r"^step-(\d{8})$")
 SLEEP_IN_SAVE_ENV = "CTPA_VQ_TEST_SLEEP_IN_SAVE"

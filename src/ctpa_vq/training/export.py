@@ -5,9 +5,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from ..atomic import atomic_folder
 from ..models import VQGAN3D
 from ..pipelines import CTPAReconstructionPipeline
+from ..utils.atomic import atomic_folder
 
 
 def export_model(model: VQGAN3D, target: Path, run_dir: Path) -> None:

@@ -8,7 +8,7 @@ upload is logged and kept in `failures`; the next push of that kind carries the 
 Hub skips files it already has), and nothing is raised into the training loop.
 
 What goes where (recipe section `hub`, `training.config.HubConfig`):
-- `best` / `end` exports: `ctpa_vq.hub.push_to_hub` to the repo's main branch (card, recipe with
+- `best` / `end` exports: `ctpa_vq.hub.push.push_to_hub` to the repo's main branch (card, recipe with
   local paths removed, metrics, bundled code for diffusers).
 - resumable checkpoints (opt-in, `push_checkpoints`): to the branch `checkpoints_branch` as
   `step-XXXXXXXX/`, keeping the newest only. They hold Accelerate's optimizer and RNG state
@@ -31,7 +31,7 @@ from typing import Callable
 
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, snapshot_download
 
-from ..hub import push_to_hub
+from ..hub.push import push_to_hub
 from .config import HubConfig
 
 logger = logging.getLogger(__name__)

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..atomic import atomic_path
 from ..models import VQGAN3D
+from ..utils.atomic import atomic_path
 from .checkpoints import save_checkpoint
 from .config import TrainConfig, config_to_yaml
 from .hub_sync import HubSync, resolve_resume

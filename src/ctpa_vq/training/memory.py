@@ -37,8 +37,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map_only
 
-from ..intensity import hu_to_unit
 from ..models import VQGAN3D
+from ..models.intensity import hu_to_unit
 from ..pipelines import CTPAReconstructionPipeline
 from .adversarial import Discriminators
 from .config import TrainConfig

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
-from ..atomic import atomic_path
+from ..utils.atomic import atomic_path
 
 COLUMNS = (
     "step", "epoch", "lr", "loss", "l1", "ssim_loss", "commitment", "perplexity", "codebook_usage",

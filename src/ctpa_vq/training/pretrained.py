@@ -1,7 +1,7 @@
 """Where a run's generator comes from, and what of it trains: a preset, or a trained model to fine-tune.
 
 `model.pretrained` (a saved pipeline or model folder, or `ORG/NAME[@REVISION]` on the Hub, resolved
-as every `--model` is: `ctpa_vq.model_source.resolve_model`) starts the run from that model: its
+as every `--model` is: `ctpa_vq.hub.model_source.resolve_model`) starts the run from that model: its
 weights, its EMA codebook with its counts and sums (the `initialized` flag comes with them, so the
 codebook is never re-initialised) and its config. The recipe cannot change the architecture: a
 `model.preset` or `model.overrides` value that contradicts the loaded config is an error naming both;
@@ -24,7 +24,7 @@ from typing import Any, Sequence
 
 from accelerate import PartialState
 
-from ..model_source import ModelSource, resolve_model
+from ..hub.model_source import ModelSource, resolve_model
 from ..models import VQGAN3D
 from ..models.quantizer import EMAVectorQuantizer
 from .config import ModelConfig

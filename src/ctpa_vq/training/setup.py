@@ -19,12 +19,12 @@ from torch.utils.data import DataLoader
 from ..data.patch_dataset import RandomPatchDataset, VolumeStore
 from ..data.phantom import write_phantom_dir
 from ..data.prepare import prepare_dataset
-from ..input_spec import describe_training_data
+from ..models.input_spec import describe_training_data
 from .adversarial import Discriminators
 from .checkpoints import resolve_checkpoint
 from .config import TrainConfig, TrainingConfig
-from .perceptual import PerceptualLoss2D, build_perceptual_loss
 from .nonfinite import NonFiniteGuard
+from .perceptual import PerceptualLoss2D, build_perceptual_loss
 from .pretrained import build_generator, inference_patch
 from .sampler import EpochShuffleSampler
 from .schedules import adamw, critic_lr_factor, lr_factor
@@ -138,7 +138,7 @@ def volume_stores(config: TrainConfig, accelerator: Accelerator) -> tuple[Volume
 def training_data_record(
     volumes: VolumeStore, hu_window: Sequence[float], config: TrainConfig, measured: int = 16
 ) -> dict:
-    """The input specification of the training split that every export carries (`ctpa_vq.input_spec`):
+    """The input specification of the training split that every export carries (`ctpa_vq.models.input_spec`):
     spacings of all volumes, the clipped fraction of up to `measured` volumes spread over the split."""
     picks = np.unique(np.linspace(0, len(volumes) - 1, min(measured, len(volumes))).round().astype(int))
     sample = (volumes.volume(int(i)) for i in picks)

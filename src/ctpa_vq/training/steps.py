@@ -20,7 +20,7 @@ import torch
 
 from accelerate.utils import extract_model_from_parallel
 
-from ..intensity import hu_to_unit
+from ..models.intensity import hu_to_unit
 from .config import TrainConfig
 from .losses import dense_weighted_l1, random_slices, ssim_loss
 

@@ -11,10 +11,10 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 
 from ..data.patch_dataset import VolumeStore
-from ..evaluation import VolumeScore, score_volume
+from ..evaluation.scoring import VolumeScore, score_volume
+from ..evaluation.visualize import save_mid_slices
 from ..models import VQGAN3D
 from ..pipelines import CTPAReconstructionPipeline
-from ..visualize import save_mid_slices
 from .config import TrainConfig
 
 

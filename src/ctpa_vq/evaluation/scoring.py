@@ -14,14 +14,14 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from .atomic import atomic_path
-from .data.patch_dataset import VolumeStore
-from .data.volume_io import input_volumes
-from .intensity import clipped_fraction
+from ..data.patch_dataset import VolumeStore
+from ..data.volume_io import input_volumes
+from ..models.intensity import clipped_fraction
+from ..pipelines import CTPAReconstructionOutput, CTPAReconstructionPipeline
+from ..pipelines.spacing import TargetSpacing, reconstruct_at
+from ..utils.atomic import atomic_path
 from .metrics import reconstruction_metrics
-from .pipelines import CTPAReconstructionOutput, CTPAReconstructionPipeline
 from .regions import REGIONS
-from .spacing import TargetSpacing, reconstruct_at
 
 
 @dataclass
@@ -30,7 +30,7 @@ class VolumeScore:
 
     ``psnr`` (dB) and ``ssim`` over the whole volume; ``body_psnr`` and ``body_ssim`` over the
     body mask; ``mae_*`` the mean absolute HU error over the body and per region (lung, soft
-    tissue, contrast-enhanced vessel, bone; see :mod:`ctpa_vq.regions`; NaN where a region is
+    tissue, contrast-enhanced vessel, bone; see :mod:`ctpa_vq.evaluation.regions`; NaN where a region is
     empty); ``clipped_fraction`` of the voxels the window clips (lost before the model sees them).
     """
 
@@ -62,7 +62,7 @@ def score_volume(
     """Reconstruct `hu` `(D, H, W)` (with latents and indices) and score it; the grid as for
     `CTPAReconstructionPipeline.patch_grid` (the pipeline's default). `spacing` (mm), if known, goes to
     the pipeline's check of the volume against the model's training data; with `target_spacing`
-    the model runs at that spacing and is scored back on `hu`'s grid (`ctpa_vq.spacing.reconstruct_at`)."""
+    the model runs at that spacing and is scored back on `hu`'s grid (`ctpa_vq.pipelines.spacing.reconstruct_at`)."""
     result = reconstruct_at(
         pipeline, hu, spacing, target_spacing, name, patch_size=patch_size, overlap=overlap, blend=blend,
         batch_size=batch_size, return_latents=True, max_patch_voxels=max_patch_voxels,

@@ -15,7 +15,7 @@ settings); `load_encoded(OUT)` (or `datasets.load_dataset("parquet", data_dir=OU
 - Distributed: under `accelerate launch` each process encodes every `num_processes`-th remaining
   volume on its own device and writes its own shards.
 
-Privacy: `patient_id` is a pseudonym (`ctpa_vq.privacy`'s keyed hash, as `ctpa-vq prepare`
+Privacy: `patient_id` is a pseudonym (`ctpa_vq.data.privacy`'s keyed hash, as `ctpa-vq prepare`
 stores it) and `volume_id` a hash of the volume's pseudonymous source (needed to resume); no file
 name or path reaches the table.
 """
@@ -39,9 +39,9 @@ import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__
-from .atomic import atomic_path
-from .data.nifti import CTFileError
+from .. import __version__
+from ..data.nifti import CTFileError
+from ..utils.atomic import atomic_path
 
 SHARD_GLOB = "shard-*.parquet"
 INFO_FILE = "encode_info.json"
@@ -91,8 +91,8 @@ def volume_id(origin: str) -> str:
 
 
 def default_pseudonymise() -> Callable[[str], str]:
-    """Identifier -> its keyed-hash pseudonym (`ctpa_vq.privacy`, the key `prepare` uses), key loaded on first use."""
-    from .privacy import PseudonymKey
+    """Identifier -> its keyed-hash pseudonym (`ctpa_vq.data.privacy`, the key `prepare` uses), key loaded on first use."""
+    from ..data.privacy import PseudonymKey
 
     key = functools.cache(PseudonymKey.load)
     return lambda identifier: key().pseudonym(identifier)
@@ -121,7 +121,7 @@ def list_volumes(
 def _prepared_volumes(source: Path, splits: Sequence[str] | None) -> list[VolumeToEncode]:
     import datasets
 
-    from .data.patch_dataset import VolumeStore
+    from ..data.patch_dataset import VolumeStore
 
     loaded = datasets.load_from_disk(str(source))
     available = loaded if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
@@ -139,8 +139,8 @@ def _prepared_volumes(source: Path, splits: Sequence[str] | None) -> list[Volume
 
 
 def _folder_volumes(source: Path, pseudonymise: Callable[[str], str]) -> list[VolumeToEncode]:
-    from .data.prepare import patient_id
-    from .data.volume_io import input_volumes
+    from ..data.prepare import patient_id
+    from ..data.volume_io import input_volumes
 
     found = input_volumes(source)
 
@@ -190,7 +190,7 @@ def _row(source: VolumeToEncode, hu, spacing, affine, latents: torch.Tensor, sca
 
 class _ShardWriter:
     """Row groups into a temporary file beside `shard-<name>.parquet`, renamed into place
-    (`ctpa_vq.atomic.atomic_path`: flushed to disk, then renamed) when full or closed."""
+    (`ctpa_vq.utils.atomic.atomic_path`: flushed to disk, then renamed) when full or closed."""
 
     def __init__(self, data_dir: Path, rank: int, volumes_per_shard: int) -> None:
         self.data_dir, self.rank, self.capacity = data_dir, rank, volumes_per_shard
@@ -237,7 +237,7 @@ def encode_dataset(
     """
     from accelerate import PartialState
 
-    from .pipelines import load_reconstruction_pipeline
+    from ..pipelines import load_reconstruction_pipeline
 
     state = PartialState(cpu=not torch.cuda.is_available())  # cpu=True: CPU processes join over gloo
     output_dir = Path(output_dir)

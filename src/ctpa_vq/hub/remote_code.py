@@ -21,7 +21,7 @@ import importlib.util
 import json
 from pathlib import Path
 
-from . import __version__
+from .. import __version__
 
 PACKAGE = __name__.split(".")[0]
 PIPELINE_MODULE = f"{PACKAGE}.pipelines.reconstruction"
@@ -166,7 +166,7 @@ def write_remote_code(pipeline_dir: str | Path) -> list[Path]:
     The folder then loads with `DiffusionPipeline.from_pretrained(dir, trust_remote_code=True)`
     anywhere, and still with `CTPAReconstructionPipeline.from_pretrained(dir)` where the package is.
     """
-    from .atomic import atomic_path
+    from ..utils.atomic import atomic_path
     from .model_source import local_model
 
     source = local_model(pipeline_dir)

@@ -46,7 +46,7 @@ class ModelSource:
 
     @property
     def bundles_code(self) -> bool:
-        """A pipeline in the self-contained Hub layout (`ctpa_vq.remote_code`): its `model_index.json`
+        """A pipeline in the self-contained Hub layout (`ctpa_vq.hub.remote_code`): its `model_index.json`
         names the bundled pipeline file as `[file, class]`."""
         return isinstance(self.index.get("_class_name"), list)
 
@@ -67,7 +67,7 @@ def model_component(index: dict, where: str | os.PathLike) -> str:
     """The name of the `VQGAN3D` component of a pipeline's `model_index.json` (its sub-folder).
 
     Both layouts name the class last: `["ctpa_vq.models.vqgan", "VQGAN3D"]` and the bundled
-    `["modeling_vqgan3d", "VQGAN3D"]` (`ctpa_vq.remote_code`).
+    `["modeling_vqgan3d", "VQGAN3D"]` (`ctpa_vq.hub.remote_code`).
     """
     names = [k for k, v in index.items() if isinstance(v, list) and len(v) == 2 and v[1] == MODEL_CLASS_NAME]
     if not names:

@@ -2,7 +2,7 @@
 
 Both metrics clip the two volumes to the window ``(low, high)`` and use the window width as
 the data range, so they measure what the model can represent (what the window clips is
-reported separately, see :func:`ctpa_vq.intensity.clipped_fraction`).
+reported separately, see :func:`ctpa_vq.models.intensity.clipped_fraction`).
 
 SSIM is torchmetrics' 3D SSIM (Gaussian window, sigma 1.5, 11 voxels wide; the volume's edges
 reflected; k1 0.01, k2 0.03), computed here without torchmetrics: its full 11^3 ``conv3d`` over
@@ -22,7 +22,7 @@ in float32 4e-5 (``tests/test_ssim_metric.py``).
 PSNR and the per-region errors come from one pass of squared and absolute errors per label
 (:func:`region_errors`); :func:`psnr_hu` alone uses torchmetrics' ``PeakSignalNoiseRatio``.
 
-Over the body (:mod:`ctpa_vq.regions`): the air around the patient and the out-of-field padding
+Over the body (:mod:`ctpa_vq.evaluation.regions`): the air around the patient and the out-of-field padding
 are reconstructed almost perfectly and inflate whole-volume PSNR/SSIM, so
 :func:`reconstruction_metrics` also reports PSNR and SSIM over the body mask of the reference
 (SSIM: the same SSIM map, averaged over body voxels only) and the mean absolute HU error per
@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from torchmetrics.image import PeakSignalNoiseRatio
 
-from .intensity import DEFAULT_HU_WINDOW
+from ..models.intensity import DEFAULT_HU_WINDOW
 from .regions import OUTSIDE, REGIONS, region_labels
 
 SSIM_SIGMA = 1.5
@@ -62,7 +62,7 @@ class ReconstructionMetrics:
 
     ``psnr`` (dB) and ``ssim`` cover every voxel; ``body_psnr`` and ``body_ssim`` only the
     reference's body mask; ``mae`` is the mean absolute error (HU) over the body (``"body"``)
-    and per region of :data:`ctpa_vq.regions.REGIONS`. Empty masks give NaN.
+    and per region of :data:`ctpa_vq.evaluation.regions.REGIONS`. Empty masks give NaN.
     """
 
     psnr: float
@@ -279,7 +279,7 @@ def region_errors(
     window: Sequence[float] = DEFAULT_HU_WINDOW,
     device: torch.device | str = "cpu",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per label of ``labels`` (small non-negative ints, e.g. :func:`ctpa_vq.regions.region_labels`):
+    """Per label of ``labels`` (small non-negative ints, e.g. :func:`ctpa_vq.evaluation.regions.region_labels`):
     voxel count, sum of absolute and sum of squared HU errors, both volumes clipped to ``window``.
 
     Returns three float64 arrays of length ``labels.max() + 1``; computed slab by slab on
@@ -320,7 +320,7 @@ def reconstruction_metrics(
 ) -> ReconstructionMetrics:
     """Whole-volume and body PSNR/SSIM and per-region MAE of ``reconstruction`` against the
     ``(D, H, W)`` HU volume ``target`` over ``window``; ``labels`` defaults to
-    :func:`ctpa_vq.regions.region_labels` of ``target``. Computed on ``device``."""
+    :func:`ctpa_vq.evaluation.regions.region_labels` of ``target``. Computed on ``device``."""
     window = (float(window[0]), float(window[1]))
     target_hu = target.numpy() if isinstance(target, torch.Tensor) else np.asarray(target)
     labels = region_labels(target_hu) if labels is None else labels

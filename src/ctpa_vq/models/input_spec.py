@@ -10,7 +10,7 @@ issues one `InputSpecWarning` naming the volume and the figures: a spacing more 
 `SPACING_TOLERANCE` outside the range seen, or a clipped fraction more than `CLIPPED_MARGIN` above
 the largest seen. It never raises. A model without the record (an older export) is not checked.
 `training_spacing` is the median spacing the record names: the spacing to resample a volume to
-(`ctpa_vq.spacing`, `ctpa-vq reconstruct --spacing training`).
+(`ctpa_vq.pipelines.spacing`, `ctpa-vq reconstruct --spacing training`).
 """
 
 from __future__ import annotations

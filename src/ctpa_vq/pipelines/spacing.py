@@ -4,7 +4,7 @@
 volume to `spacing` (`ctpa_vq.data.resample`: linear, first voxel kept in place), reconstructs it
 there and resamples the reconstruction back onto the input's own grid: the same shape, spacing and
 affine as the input. `spacing="training"` is the median spacing of the model's training data
-(`ctpa_vq.input_spec.training_spacing`), the remedy `check_input`'s warning names. Outside the
+(`ctpa_vq.models.input_spec.training_spacing`), the remedy `check_input`'s warning names. Outside the
 bundled pipeline: resampling needs scipy, which a remote-code load does not.
 """
 
@@ -15,11 +15,11 @@ from typing import Sequence, Union
 
 import numpy as np
 
-from .data.nifti import CTVolume
-from .data.resample import resample
-from .data.volume_io import load_volume
-from .input_spec import training_spacing
-from .pipelines import CTPAReconstructionOutput, CTPAReconstructionPipeline
+from ..data.nifti import CTVolume
+from ..data.resample import resample
+from ..data.volume_io import load_volume
+from ..models.input_spec import training_spacing
+from .reconstruction import CTPAReconstructionOutput, CTPAReconstructionPipeline
 
 TargetSpacing = Union[Sequence[float], str, None]
 """(D, H, W) in mm, "training" (the model's median training spacing), or None (the volume's own grid)."""

@@ -10,8 +10,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .atomic import atomic_path
-from .intensity import DEFAULT_HU_WINDOW
+from ..models.intensity import DEFAULT_HU_WINDOW
+from ..utils.atomic import atomic_path
 
 _LABEL_HEIGHT = 14
 _MIN_WIDTH = 600

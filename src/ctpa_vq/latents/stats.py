@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .atomic import atomic_path
-from .data.dicom import SkippedSeries
-from .data.volume_io import input_volumes
-from .model_source import local_model
+from ..data.dicom import SkippedSeries
+from ..data.volume_io import input_volumes
+from ..hub.model_source import local_model
+from ..utils.atomic import atomic_path
 
 
 @dataclass
@@ -85,7 +85,7 @@ def compute_latent_stats(
 def write_latent_stats(model, stats: LatentStats, model_path: str | Path) -> None:
     """Set `latents_mean` / `latents_std` on `model` and rewrite `model_path/config.json` atomically.
 
-    The weights do not change, so only the config is rewritten (`ctpa_vq.atomic.atomic_path`):
+    The weights do not change, so only the config is rewritten (`ctpa_vq.utils.atomic.atomic_path`):
     a crash leaves either the old or the new config.
     """
     config_path = Path(model_path) / "config.json"
@@ -107,7 +107,7 @@ def compute_and_store_latent_stats(
     """What `ctpa-vq latent-stats` does: encode every input volume whole (patch-wise on the pipeline's
     grid, as `encode_volume` gives them to the DDPM), then store the statistics in the model folder's config
     (`model_dir/config.json`, or `model_dir/vqgan/config.json` for a saved pipeline)."""
-    from .pipelines import load_reconstruction_pipeline
+    from ..pipelines import load_reconstruction_pipeline
 
     source = local_model(model_dir)  # latent-stats rewrites a local model's config
     volumes = [volume for item in inputs for volume in input_volumes(item)]
