@@ -15,8 +15,8 @@ times so every reader sees the same load on a shared machine:
   the manifests, flushed to disk (fsync), and the index;
 * ``prepare x2``: the same with ``num_proc=2`` (worker processes).
 
-Every reader reads from the page cache, and every writer writes into recycled pages
-(``recycle_page_cache``: a first touch of a fresh VM's memory is not ``prepare``'s cost).
+Every reader reads from the page cache, and the machine's memory is touched once before the timed
+runs (``warm_memory``: on a fresh VM, backing untouched pages made writing 8x dearer).
 
 Per-volume times are CPU seconds (this process's, plus its children's for ``x2``) where the ratio is
 per process, and wall seconds for the 2-vs-1 ratio; the median over the repeats is reported. The
@@ -54,6 +54,7 @@ from ctpa_vq.data.phantom import make_phantom  # noqa: E402
 from ctpa_vq.data.prepare import prepare_dataset  # noqa: E402
 from ctpa_vq.data.privacy import PseudonymKey  # noqa: E402
 from ctpa_vq.data.volume_io import find_volumes  # noqa: E402
+from ctpa_vq.utils.allocator import keep_freed_memory  # noqa: E402
 
 COLLECTIONS = {"RSPECT (DICOM)": ("dicom", 7279, 250 * 512 * 512), "CT-RATE (NIfTI)": ("nifti", 50188, 300 * 512 * 512)}
 
@@ -76,19 +77,19 @@ def make_inputs(work: Path, dicom: int, nifti: int, slices: int, size: int) -> t
     return work / "dicom", work / "nifti"
 
 
-def recycle_page_cache(work: Path, size: int) -> None:
-    """Write ``size`` bytes to a file and delete it, so the timed writes fill pages the kernel has
-    already handed out once. On this VM a page of a new file that the guest never touched since
-    boot costs about 8 us to back (8 MB of new file: 17-20 ms CPU, against 2-3 ms in recycled
-    pages), a cost of a fresh machine, not of ``prepare``; the readers read from a warm cache too."""
-    chunk = np.zeros(64 << 20, dtype=np.uint8)
-    path = work / "recycle.bin"
-    with open(path, "wb") as f:
-        for _ in range(-(-size // chunk.nbytes)):
-            f.write(chunk)
-        f.flush()
-        os.fsync(f.fileno())
-    path.unlink()
+def warm_memory(share: float = 0.7) -> float:
+    """Touch ``share`` of the available memory once, then free it; seconds taken.
+
+    On a fresh VM a page the guest has never touched costs the hypervisor a fault to back: writing
+    8 MB of a new file measured 17-20 ms of CPU here before this and 2.1 ms after (with the pages
+    the kernel recycles anyway). That is a cost of a freshly booted machine, not of ``prepare``,
+    and it would fall on the runs that write (the readers read a warm page cache)."""
+    start = time.perf_counter()
+    with open("/proc/meminfo") as f:
+        available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
+    chunks = [np.ones(1 << 30, dtype=np.uint8) for _ in range(int(available * share) >> 30)]
+    del chunks
+    return time.perf_counter() - start
 
 
 def read_only(folder: Path, kind: str) -> None:
@@ -99,6 +100,12 @@ def read_only(folder: Path, kind: str) -> None:
         else:
             for path in sorted(entry.iterdir()):
                 pydicom.dcmread(path).pixel_array
+
+
+def read_as_prepare(folder: Path) -> None:
+    """Every volume as ``prepare`` reads it (``find_volumes``, then each ``load``), one at a time, writing nothing."""
+    for source in find_volumes(folder, read_dicom_whole=True):
+        source.load()
 
 
 def _cpu(children: bool) -> float:
@@ -123,10 +130,11 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/ctpa_vq_bench_prepare"))
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    keep_freed_memory()  # as `ctpa-vq prepare` runs (the command calls it), for every run alike
 
     dicom_dir, nifti_dir = make_inputs(args.work, args.dicom, args.nifti, args.slices, args.size)
     key = PseudonymKey.load(args.work / "bench.key")
-    recycle_page_cache(args.work, 2 * max(args.dicom, args.nifti) * args.slices * args.size * args.size)
+    print(f"memory warmed in {warm_memory():.0f} s", flush=True)
     counts = {"dicom": args.dicom, "nifti": args.nifti}
     folders = {"dicom": dicom_dir, "nifti": nifti_dir}
     times: dict[tuple[str, str], list[tuple[float, float]]] = {}
@@ -135,7 +143,7 @@ def main() -> None:
             read_only(folder, kind)  # warm the page cache: every reader reads from memory
             runs = {
                 "read": lambda: read_only(folder, kind),
-                "load_volume": lambda: [source.load() for source in find_volumes(folder, read_dicom_whole=True)],
+                "load_volume": lambda: read_as_prepare(folder),
                 "prepare": lambda: prepare_dataset(folder, args.work / "out", val_fraction=0.2, progress=False,
                                                    key=key),
                 "prepare x2": lambda: prepare_dataset(folder, args.work / "out", val_fraction=0.2, progress=False,
