@@ -313,3 +313,16 @@ def test_card_reports_validation_quality_not_the_ssim_training_loss(model_dir):
     reported = {r.metric_name: r.metric_value for r in card.data.eval_results}
     assert reported == {"val_psnr": 27.5, "val_ssim": 0.81}
     assert set(card.data.to_dict()["version_history"][-1]["metrics"]) == {"val_psnr", "val_ssim"}
+
+
+@pytest.mark.parametrize("stored, shown", [([16, 32, 32], "[16, 32, 32], 25% overlap"), (None, "planned per volume")])
+def test_card_states_the_inference_patch_the_pipeline_uses(tmp_path, stored, shown):
+    """A trained model's card says which grid the pipeline reconstructs with by default."""
+    from ctpa_vq.data.phantom import make_phantom
+    from ctpa_vq.hub.card import build_model_card
+    from ctpa_vq.models.input_spec import describe_training_data
+
+    record = describe_training_data([(2.5, 0.7, 0.7)], [make_phantom((12, 32, 32), seed=1)], (-1024.0, 2048.0), (16, 32, 32))
+    VQGAN3D.from_preset("tiny", training_data=record, inference_patch_size=stored).save_pretrained(tmp_path / "model")
+    card = build_model_card(tmp_path / "model", "lab/ctpa-vq-tiny")
+    assert f"| inference patch (D, H, W), the pipeline's default | {shown}" in card.text

@@ -375,6 +375,7 @@ def build_model_card(
         latent_stats_note=latent_stats_note,
         remote_code=folder.is_pipeline,
         training_record=config.get("training_data"),
+        inference_patch=config.get("inference_patch_size"),
         parent=config.get("finetuned_from"),
     )
 
