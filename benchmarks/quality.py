@@ -83,7 +83,6 @@ DENSE_HU = 150.0  # --dense-weight applies from here up: contrast-enhanced vesse
 VQGAN_NORMS = {"vqgan3d-group": "group", "vqgan3d-none": "none", "vqgan3d-batch": "batch"}
 LEARNED = (*VQGAN_NORMS, "monai-vqvae", "monai-autoencoderkl")
 CLASSICAL = ("trilinear", "tricubic")
-
 FIGURES = ("psnr", "ssim", "body_psnr", "body_ssim", "mae_body")
 
 
@@ -170,6 +169,16 @@ def predictor(method: str, model: torch.nn.Module) -> Callable[[torch.Tensor], t
     return model.reconstruct
 
 
+def optimizer_step(method: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: torch.Tensor,
+                   args) -> torch.Tensor:
+    """One training step on ``batch`` ``(B, 1, D, H, W)``: the loss, its backward, the optimizer's step."""
+    loss = training_loss(method, model, batch, args.dense_weight, args.ssim_weight)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss
+
+
 def train(method: str, model: torch.nn.Module, patches: torch.Tensor, args) -> None:
     """AdamW, linear warm-up over 5% of the steps then cosine decay, batches in a fixed order."""
     lr = args.vqvae_lr if method == "monai-vqvae" else args.lr
@@ -182,11 +191,7 @@ def train(method: str, model: torch.nn.Module, patches: torch.Tensor, args) -> N
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     model.train()
     for step in range(args.steps):
-        batch = patches[step * args.batch : (step + 1) * args.batch]
-        loss = training_loss(method, model, batch, args.dense_weight, args.ssim_weight)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        loss = optimizer_step(method, model, optimizer, patches[step * args.batch : (step + 1) * args.batch], args)
         schedule.step()
         if (step + 1) % max(1, args.steps // 5) == 0:
             print(f"  {method} step {step + 1}/{args.steps}: loss {loss.item():.4f}", flush=True)
@@ -207,10 +212,7 @@ def step_times(methods: list[str], patches: torch.Tensor, args) -> dict[str, flo
         batch = patches[step * args.batch : (step + 1) * args.batch]
         for m in methods:
             start = time.perf_counter()
-            loss = training_loss(m, models[m], batch, args.dense_weight, args.ssim_weight)
-            optimizers[m].zero_grad(set_to_none=True)
-            loss.backward()
-            optimizers[m].step()
+            optimizer_step(m, models[m], optimizers[m], batch, args)
             times[m].append(time.perf_counter() - start)
     return {m: float(np.median(t[warmup:])) for m, t in times.items()}
 
