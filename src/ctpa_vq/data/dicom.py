@@ -21,7 +21,6 @@ descriptions) is copied anywhere. The SeriesInstanceUID only groups files; it is
 from __future__ import annotations
 
 import functools
-
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +29,7 @@ import nibabel as nib
 import numpy as np
 from nibabel import orientations
 
-from .nifti import LPS_TO_RAS, RAS, CTFileError, CTVolume, ct_from_image
+from .nifti import LPS_TO_RAS, CTFileError, CTVolume, ct_from_image, source_layout
 
 SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"  # DICOMDIR
@@ -249,8 +248,7 @@ def _canonical_buffer(shape_ijk: tuple[int, int, int], affine: np.ndarray, dtype
     if np.isnan(source).any():  # no canonical layout: `ct_from_image` names the problem
         return np.empty(shape_ijk, dtype=dtype, order="F")
     canonical_xyz = orientations.apply_orientation(np.broadcast_to(np.empty((), dtype), shape_ijk), source).shape
-    buffer = np.empty(canonical_xyz[::-1], dtype=dtype)  # (D, H, W)
-    return orientations.apply_orientation(buffer.transpose(2, 1, 0), orientations.ornt_transform(RAS, source))
+    return source_layout(np.empty(canonical_xyz[::-1], dtype=dtype), source)  # a (D, H, W) buffer, seen as (i, j, k)
 
 
 @dataclass

@@ -30,8 +30,7 @@ except ImportError:
     igzip = isal_zlib = None
 _DECOMPRESSION_ERRORS = (EOFError, OSError, zlib.error, ValueError, *((isal_zlib.error,) if isal_zlib else ()))
 """What reading a truncated or corrupt (gzipped) file raises: nibabel's, zlib's and ISA-L's errors."""
-RAS = orientations.axcodes2ornt(("R", "A", "S"))
-"""The canonical orientation (nibabel's `(3, 2)` form): the axes point to the right, anterior, superior."""
+_RAS = orientations.axcodes2ornt(("R", "A", "S"))
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 """DICOM / ITK patient coordinates (LPS) -> NIfTI's RAS: a 4x4 affine applied on the left."""
 
@@ -76,8 +75,13 @@ class CTVolume:
         """Map a canonical (D, H, W) array back to the source file's (i, j, k) voxel layout."""
         if tuple(hu.shape) != self.shape:
             raise ValueError(f"{self.name}: array shape {tuple(hu.shape)} != volume shape {self.shape}")
-        canonical_to_source = orientations.ornt_transform(RAS, self.source_orientation)
-        return orientations.apply_orientation(hu.transpose(2, 1, 0), canonical_to_source)
+        return source_layout(hu, self.source_orientation)
+
+
+def source_layout(hu: np.ndarray, source_orientation: np.ndarray) -> np.ndarray:
+    """A view of canonical ``(D, H, W)`` ``hu`` in the layout of a source whose axes have
+    ``source_orientation`` (nibabel's ``(3, 2)`` form): the inverse of `ct_from_image`'s reorientation."""
+    return orientations.apply_orientation(hu.transpose(2, 1, 0), orientations.ornt_transform(_RAS, source_orientation))
 
 
 def load_ct(path: str | os.PathLike) -> CTVolume:
