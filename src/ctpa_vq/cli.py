@@ -352,10 +352,10 @@ def _patch(value: str) -> int | str:
 def _grid_options(args: argparse.Namespace) -> dict:
     """The patch grid keyword arguments of `CTPAReconstructionPipeline.patch_grid`."""
     patch = args.patch
-    if patch is not None and not (len(patch) == 3 and all(isinstance(p, int) for p in patch)):
-        if len(patch) != 1 or isinstance(patch[0], int):
-            raise ValueError(f"--patch {' '.join(map(str, patch))}: give three sizes D H W in voxels, or 'planned'")
-        patch = patch[0]
+    if patch is not None and len(patch) == 1 and isinstance(patch[0], str):
+        patch = patch[0]  # a word: the pipeline checks it
+    elif patch is not None and (len(patch) != 3 or not all(isinstance(p, int) for p in patch)):
+        raise ValueError(f"--patch {' '.join(map(str, patch))}: give three sizes D H W in voxels, or 'planned'")
     return dict(patch_size=patch, overlap=args.overlap, max_patch_voxels=args.max_patch_voxels)
 
 
