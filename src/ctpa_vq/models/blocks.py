@@ -12,6 +12,10 @@
 - ``"batch"``: BatchNorm: per-channel statistics of the training batch, their running averages
   at inference, which then does not depend on the patch either.
 
+With ``full_resolution_blocks=False`` level 0 has no ResBlocks: the encoder's input conv is its
+first (strided) downsampling and the decoder's output conv a `SubpixelConv3d`, so the
+costliest resolution carries two convolutions instead of a stack of them.
+
 Downsampling is per axis: stage ``i`` halves an axis only while that axis still has a factor
 of 2 left, so ``downsample_factor=(2, 4, 4)`` keeps more slices than in-plane resolution.
 """
@@ -85,13 +89,18 @@ class ResBlock3D(nn.Module):
         return self.skip(x) + (h if self.residual_scale is None else self.residual_scale * h)
 
 
+def strided_conv(in_channels: int, out_channels: int, stride: Triple) -> nn.Conv3d:
+    """Kernel 4 / stride 2 / padding 1 on halved axes, kernel 3 / stride 1 elsewhere."""
+    kernel = tuple(4 if s == 2 else 3 for s in stride)
+    return nn.Conv3d(in_channels, out_channels, kernel, stride=stride, padding=1)
+
+
 class Downsample3D(nn.Module):
-    """Strided conv: kernel 4 / stride 2 / padding 1 on halved axes, kernel 3 / stride 1 elsewhere."""
+    """A `strided_conv` that keeps the channel count."""
 
     def __init__(self, channels: int, stride: Triple):
         super().__init__()
-        kernel = tuple(4 if s == 2 else 3 for s in stride)
-        self.conv = nn.Conv3d(channels, channels, kernel, stride=stride, padding=1)
+        self.conv = strided_conv(channels, channels, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x)
@@ -120,6 +129,29 @@ class Upsample3D(nn.Module):
             part = x[start : start + chunk]
             out[start : start + chunk] = F.interpolate(part, scale_factor=self.scale, mode="nearest")
         return out
+
+
+class SubpixelConv3d(nn.Conv3d):
+    """A 3x3x3 conv to ``out_channels * sD*sH*sW`` channels, rearranged into a grid `scale` times
+    finer (sub-pixel convolution, Shi et al. 2016): `(B, C, d, h, w)` -> `(B, out, d*sD, h*sH, w*sW)`.
+
+    The convolution runs at the coarse resolution. Its sub-grid kernels start as copies of one
+    another (ICNR, Aitken et al. 2017), so at initialisation it is nearest-neighbour upsampling
+    of one convolution's output: no checkerboard to unlearn.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, scale: Triple):
+        super().__init__(in_channels, out_channels * math.prod(scale), 3, padding=1)
+        self.scale = scale
+        self.fine_channels = out_channels
+        with torch.no_grad():
+            self.weight.copy_(self.weight[:out_channels].repeat_interleave(math.prod(scale), dim=0))
+            self.bias.copy_(self.bias[:out_channels].repeat_interleave(math.prod(scale)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        (sd, sh, sw), (b, _, d, h, w), c = self.scale, x.shape, self.fine_channels
+        y = super().forward(x).view(b, c, sd, sh, sw, d, h, w)
+        return y.permute(0, 1, 5, 2, 6, 3, 7, 4).reshape(b, c, d * sd, h * sh, w * sw)
 
 
 class _CheckpointedStack(nn.Module):
@@ -156,12 +188,18 @@ class Encoder3D(_CheckpointedStack):
         strides: Sequence[Triple],
         norm_num_groups: int,
         norm_type: str = "group",
+        full_resolution_blocks: bool = True,
     ):
         super().__init__()
-        self.conv_in = nn.Conv3d(in_channels, block_out_channels[0], 3, padding=1)
-        stages = []
         channels = block_out_channels[0]
+        if full_resolution_blocks:
+            self.conv_in = nn.Conv3d(in_channels, channels, 3, padding=1)
+        else:  # the input conv is the first downsampling: level 0 has nothing else
+            self.conv_in = strided_conv(in_channels, channels, strides[0])
+        stages = []
         for level, width in enumerate(block_out_channels):
+            if level == 0 and not full_resolution_blocks:
+                continue
             layers: list[nn.Module] = []
             for _ in range(layers_per_block):
                 layers.append(ResBlock3D(channels, width, norm_num_groups, norm_type))
@@ -191,9 +229,12 @@ class Decoder3D(_CheckpointedStack):
         strides: Sequence[Triple],
         norm_num_groups: int,
         norm_type: str = "group",
+        full_resolution_blocks: bool = True,
     ):
         super().__init__()
         widths = list(reversed(block_out_channels))
+        if not full_resolution_blocks:  # the output conv is the last upsampling: no full-resolution level
+            widths = widths[:-1]
         channels = widths[0]
         self.conv_in = nn.Conv3d(in_channels, channels, 3, padding=1)
         stages = [nn.Sequential(*(ResBlock3D(channels, channels, norm_num_groups, norm_type) for _ in range(2)))]
@@ -203,12 +244,15 @@ class Decoder3D(_CheckpointedStack):
             for _ in range(layers_per_block + 1):
                 layers.append(ResBlock3D(channels, width, norm_num_groups, norm_type))
                 channels = width
-            if level < len(up_strides):
+            if level < len(widths) - 1:
                 layers.append(Upsample3D(channels, up_strides[level]))
             stages.append(nn.Sequential(*layers))
         self.stages = nn.ModuleList(stages)
         self.norm_out = norm_layer(norm_type, norm_num_groups, channels)
-        self.conv_out = nn.Conv3d(channels, out_channels, 3, padding=1)
+        if full_resolution_blocks:
+            self.conv_out = nn.Conv3d(channels, out_channels, 3, padding=1)
+        else:
+            self.conv_out = SubpixelConv3d(channels, out_channels, up_strides[-1])
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = F.silu(self.norm_out(self._run_stages(self.conv_in(z))))
