@@ -27,6 +27,8 @@ Models (~0.5 M parameters each):
   ``norm_type`` GroupNorm (the model before this benchmark), no normalisation (learned
   zero-initialised residual scales) or BatchNorm (running statistics at inference); the
   preset's 256 codes (8 bits per latent voxel) and commitment 0.25, as a user gets them.
+  ``vqgan3d-fullres``: no normalisation, in the layout before the presets dropped the ResBlocks at
+  full resolution (``full_resolution_blocks=True``).
 * ``monai-vqvae``: ``monai.networks.nets.VQVAE``, two stride-2 stages, ``--vqvae-codes`` codes of
   dimension 8 (default 256: the same 8 bits per latent voxel as VQGAN3D), MONAI's EMA decay 0.5
   (with 0.99, as ours, its normal-initialised codebook collapses to 1-2 codes) and its own
@@ -80,8 +82,13 @@ from ctpa_vq.training.pretrained import inference_patch  # noqa: E402
 FACTOR = 4
 KL_WEIGHT = 1e-6
 DENSE_HU = 150.0  # --dense-weight applies from here up: contrast-enhanced vessels and bone
-VQGAN_NORMS = {"vqgan3d-group": "group", "vqgan3d-none": "none", "vqgan3d-batch": "batch"}
-LEARNED = (*VQGAN_NORMS, "monai-vqvae", "monai-autoencoderkl")
+VQGAN_VARIANTS = {  # method -> `tiny` preset overrides
+    "vqgan3d-group": dict(norm_type="group"),
+    "vqgan3d-none": dict(norm_type="none"),
+    "vqgan3d-batch": dict(norm_type="batch"),
+    "vqgan3d-fullres": dict(norm_type="none", full_resolution_blocks=True),
+}
+LEARNED = (*VQGAN_VARIANTS, "monai-vqvae", "monai-autoencoderkl")
 CLASSICAL = ("trilinear", "tricubic")
 FIGURES = ("psnr", "ssim", "body_psnr", "body_ssim", "mae_body")
 
@@ -121,8 +128,8 @@ def build(method: str, vqvae_codes: int = 256) -> torch.nn.Module:
     """The learned models at ~0.5 M parameters, 4x4x4 spatial compression."""
     from monai.networks.nets import VQVAE, AutoencoderKL
 
-    if method in VQGAN_NORMS:
-        return VQGAN3D.from_preset("tiny", norm_type=VQGAN_NORMS[method])
+    if method in VQGAN_VARIANTS:
+        return VQGAN3D.from_preset("tiny", **VQGAN_VARIANTS[method])
     if method == "monai-vqvae":
         return VQVAE(
             spatial_dims=3, in_channels=1, out_channels=1, channels=(24, 48), num_res_layers=1,
@@ -147,7 +154,7 @@ def training_loss(
     method: str, model: torch.nn.Module, x: torch.Tensor, dense_weight: float = 1.0, ssim_weight: float = 0.0
 ) -> torch.Tensor:
     """(Weighted) L1 + ``ssim_weight * (1 - SSIM)`` in [-1, 1] (the recipe's losses) + the model's regulariser."""
-    if method in VQGAN_NORMS:
+    if method in VQGAN_VARIANTS:
         out = model(x)
         reconstruction, regulariser = out.sample, out.commitment_loss
     elif method == "monai-vqvae":
@@ -162,7 +169,7 @@ def training_loss(
 
 def predictor(method: str, model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     """Patch -> reconstructed patch, both ``(B, 1, D, H, W)`` in [-1, 1]."""
-    if method in VQGAN_NORMS:
+    if method in VQGAN_VARIANTS:
         return lambda x: model(x).sample
     if method == "monai-vqvae":
         return lambda x: model(x)[0]
@@ -232,7 +239,7 @@ def reconstruct(method: str, model: torch.nn.Module, hu: np.ndarray, setting: st
     ``sliding_window_inference`` with gaussian weights, on the planned grid's patch for ``planned``.
     """
     patch = None if setting == PLANNED else tuple(int(n) for n in setting.split("x"))
-    if method in VQGAN_NORMS:
+    if method in VQGAN_VARIANTS:
         pipeline = CTPAReconstructionPipeline(vqgan=model)
         pipeline.set_progress_bar_config(disable=True)
         return pipeline(hu, patch_size=patch or PLANNED, overlap=None if patch is None else overlap).reconstruction
@@ -324,7 +331,7 @@ def default_setting(method: str, patch: list[int]) -> str:
     """The inference setting a user gets from the pipeline by default: the patch the model was trained on
     when training stores it (`ctpa_vq.training.pretrained.inference_patch`: VQGAN3D without GroupNorm,
     25% overlap, as the explicit setting), else the planned grid (MONAI's models: on the same grid)."""
-    stored = inference_patch(VQGAN_NORMS[method], patch) if method in VQGAN_NORMS else None
+    stored = inference_patch(VQGAN_VARIANTS[method]["norm_type"], patch) if method in VQGAN_VARIANTS else None
     return PLANNED if stored is None else "x".join(map(str, stored))
 
 
