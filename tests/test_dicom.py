@@ -315,9 +315,20 @@ def test_uncompressed_slices_read_as_pydicom_reads_them(tmp_path, signed):
         ds.PixelData = raw.tobytes()
         ds.save_as(path, enforce_file_format=True)
         ds = pydicom.dcmread(path)
-        fast = _native_pixels(ds, ds.file_meta.TransferSyntaxUID)
+        fast = _native_pixels(path, ds, ds.file_meta.TransferSyntaxUID)
         assert fast is not None and fast.dtype == ds.pixel_array.dtype
         np.testing.assert_array_equal(fast, ds.pixel_array)
+
+
+@pytest.mark.parametrize("cut", [1000, 20])  # most of the pixel data gone (pydicom drops it), or its end
+def test_a_slice_cut_short_in_its_pixel_data_is_named(tmp_path, cut):
+    """A slice file truncated inside its pixel data (a copy that stopped) is refused, naming that file."""
+    files = write_series(tmp_path / "s", SLICES)
+    data = files[2].read_bytes()
+    files[2].write_bytes(data[: len(data) - cut])
+    with pytest.raises(CTFileError) as caught:
+        load_volume(tmp_path / "s")
+    assert str(files[2]) in str(caught.value) and "truncated" in str(caught.value), str(caught.value)
 
 
 def test_a_big_endian_series_reads_its_header_and_pixels_as_pydicom_does(tmp_path):

@@ -381,9 +381,9 @@ def _fits_int16(pixels: np.ndarray, intercept: int) -> bool:
         high_settled or int(pixels.max()) + intercept <= _STORED_INT16.max)
 
 
-def _native_pixels(dataset, syntax) -> np.ndarray | None:
+def _native_pixels(path: Path, dataset, syntax) -> np.ndarray | None:
     """The slice's 16-bit little-endian uncompressed pixels straight from the buffer, or None for anything
-    else (left to pydicom's ``pixel_array``).
+    else (left to pydicom's ``pixel_array``); an error naming ``path`` when the file ends inside them.
 
     What pydicom does for this case, without its generic decoder set-up (which costs more than the
     rest of reading the slice): the bytes as (u)int16 (PixelRepresentation), the bits above
@@ -396,8 +396,10 @@ def _native_pixels(dataset, syntax) -> np.ndarray | None:
     if element is None or rows is None or columns is None or _ushort(dataset, "BitsAllocated") != 16:
         return None
     data = element.value
-    if not isinstance(data, bytes) or len(data) < 2 * rows * columns:
+    if not isinstance(data, bytes):
         return None
+    if len(data) < 2 * rows * columns:
+        raise CTFileError(path, f"truncated: the pixel data ends after {len(data)} of {2 * rows * columns} bytes")
     signed = _ushort(dataset, "PixelRepresentation", 0) == 1
     pixels = np.frombuffer(data, dtype="<i2" if signed else "<u2", count=rows * columns).reshape(rows, columns)
     unused = 16 - (_ushort(dataset, "BitsStored") or 16)
@@ -411,8 +413,10 @@ def _pixels(pydicom, path: Path, dataset) -> np.ndarray:
     syntax cannot be decoded."""
     import pydicom.pixels
 
+    if _tag("PixelData") not in dataset:  # pydicom drops an element the file ends inside of
+        raise CTFileError(path, "no pixel data: the file is truncated, or holds no image")
     syntax = _text(dataset.file_meta, "TransferSyntaxUID")
-    native = _native_pixels(dataset, syntax)
+    native = _native_pixels(path, dataset, syntax)
     if native is not None:
         return native
     try:
