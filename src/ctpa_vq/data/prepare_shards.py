@@ -30,6 +30,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..utils.atomic import atomic_path
+from ..utils.direct_io import DirectFile
 
 PLAN_FILE = "prepare_plan.json"
 REPORT_FILE = "prepare_report.json"
@@ -86,7 +87,7 @@ class ShardWriter:
 
     def __init__(self, output_dir: Path, index: int) -> None:
         self.output_dir, self.name = output_dir, shard_name(index)
-        self._open: dict[str, tuple] = {}  # split -> (atomic_path context, stream writer)
+        self._open: dict[str, tuple] = {}  # split -> (atomic_path context, DirectFile, stream writer)
         self.rows = {split: 0 for split in SPLITS}
 
     def write(self, split: str, batch: pa.RecordBatch) -> None:
@@ -96,15 +97,16 @@ class ShardWriter:
             for stale in folder.glob(f".{self.name}.arrow.*"):  # left by a killed run of this shard
                 stale.unlink(missing_ok=True)
             context = atomic_path(folder / f"{self.name}.arrow")
-            temporary = context.__enter__()
-            self._open[split] = (context, pa.ipc.new_stream(str(temporary), SCHEMA))
-        self._open[split][1].write_batch(batch)
+            file = DirectFile(context.__enter__())  # write-once GBs: past the page cache
+            self._open[split] = (context, file, pa.ipc.new_stream(file, SCHEMA))
+        self._open[split][2].write_batch(batch)
         self.rows[split] += 1
 
     def close(self, error: BaseException | None = None) -> None:
         """Finish (``error`` None) or discard every open file."""
-        for context, writer in self._open.values():
+        for context, file, writer in self._open.values():
             writer.close()
+            file.close()
             if error is None:
                 context.__exit__(None, None, None)
             else:
