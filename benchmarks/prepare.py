@@ -7,9 +7,10 @@ times so every reader sees the same load on a shared machine:
 
 * ``read``: the reader alone, doing nothing else: ``np.asanyarray(nib.load(f).dataobj)`` per NIfTI
   file, ``pydicom.dcmread(f).pixel_array`` per DICOM slice;
-* ``load_volume``: how ``prepare`` reads (``find_volumes`` + each volume's ``load``: ISA-L's gzip
-  decoder under nibabel, pydicom's parser with our own pixel and geometry reads, the slice-grid
-  checks and the reorientation), writing nothing: what the writing costs on top;
+* ``load_volume``: how ``prepare`` reads, patient by patient (its ``_patient_volumes``, then each
+  volume's ``load``: ISA-L's gzip decoder under nibabel, pydicom's parser with our own pixel and
+  geometry reads, the slice-grid checks and the reorientation), writing nothing: what the writing
+  costs on top;
 * ``prepare``: ``prepare_dataset`` with ``num_proc=1`` (in this process, start-up excluded), the
   whole command's work: read, order and check the slices, reorient, convert, write the shards and
   the manifests, flushed to disk (fsync), and the index;
@@ -23,7 +24,7 @@ per process, and wall seconds for the 2-vs-1 ratio; the median over the repeats 
 projections for a 32-core node scale the measured per-core time per voxel to the collection's volume
 size (RSPECT: 7,279 studies of about 250 x 512 x 512; CT-RATE: 50,188 volumes, assumed 300 x 512 x 512)
 and assume 32 processes scale as 2 did; reading from the Hub or a network file system adds its own bound.
-Peak memory per worker is the largest ``ru_maxrss`` of the worker processes.
+System time and minor page faults are printed beside the CPU time: writing costs system time.
 
     nice -n 10 python benchmarks/prepare.py                                    # 200 + 200 volumes
     python benchmarks/prepare.py --dicom 8 --nifti 8 --slices 32 --repeats 1   # quick
@@ -51,9 +52,8 @@ sys.path.insert(0, str(REPO / "tests"))  # the DICOM writer the tests use
 from dicom_series import write_series  # noqa: E402
 
 from ctpa_vq.data.phantom import make_phantom  # noqa: E402
-from ctpa_vq.data.prepare import prepare_dataset  # noqa: E402
+from ctpa_vq.data.prepare import _patient_volumes, list_patients, prepare_dataset  # noqa: E402
 from ctpa_vq.data.privacy import PseudonymKey  # noqa: E402
-from ctpa_vq.data.volume_io import find_volumes  # noqa: E402
 from ctpa_vq.utils.allocator import keep_freed_memory  # noqa: E402
 
 COLLECTIONS = {"RSPECT (DICOM)": ("dicom", 7279, 250 * 512 * 512), "CT-RATE (NIfTI)": ("nifti", 50188, 300 * 512 * 512)}
@@ -103,21 +103,25 @@ def read_only(folder: Path, kind: str) -> None:
 
 
 def read_as_prepare(folder: Path) -> None:
-    """Every volume as ``prepare`` reads it (``find_volumes``, then each ``load``), one at a time, writing nothing."""
-    for source in find_volumes(folder, read_dicom_whole=True):
-        source.load()
+    """Every volume as ``prepare`` reads it, patient by patient (each patient's files found, then each
+    volume loaded), writing nothing."""
+    for entries in list_patients(folder).values():
+        for source in _patient_volumes(folder, entries):
+            source.load()
 
 
-def _cpu(children: bool) -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+def _usage() -> np.ndarray:
+    """(user s, system s, minor page faults) of this process and its children so far."""
+    return sum(np.array([u.ru_utime, u.ru_stime, u.ru_minflt], dtype=float)
+               for u in (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)))
 
 
-def timed(run) -> tuple[float, float]:
-    """(wall, CPU of this process and its children) seconds of ``run()``."""
-    wall, cpu = time.perf_counter(), _cpu(False) + _cpu(True)
+def timed(run) -> tuple[float, float, float, float]:
+    """(wall s, CPU s, of which system s, minor page faults) of ``run()``, this process and its children."""
+    wall, before = time.perf_counter(), _usage()
     run()
-    return time.perf_counter() - wall, _cpu(False) + _cpu(True) - cpu
+    user, system, faults = _usage() - before
+    return time.perf_counter() - wall, user + system, system, faults
 
 
 def main() -> None:
@@ -130,11 +134,13 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/ctpa_vq_bench_prepare"))
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # Before keep_freed_memory: its chunks must go back to the kernel when freed, not stay in this
+    # process's heap (which would leave the runs 70% less memory for the page cache).
+    print(f"memory warmed in {warm_memory():.0f} s", flush=True)
     keep_freed_memory()  # as `ctpa-vq prepare` runs (the command calls it), for every run alike
 
     dicom_dir, nifti_dir = make_inputs(args.work, args.dicom, args.nifti, args.slices, args.size)
     key = PseudonymKey.load(args.work / "bench.key")
-    print(f"memory warmed in {warm_memory():.0f} s", flush=True)
     counts = {"dicom": args.dicom, "nifti": args.nifti}
     folders = {"dicom": dicom_dir, "nifti": nifti_dir}
     times: dict[tuple[str, str], list[tuple[float, float]]] = {}
@@ -152,26 +158,22 @@ def main() -> None:
             for name, run in runs.items():
                 shutil.rmtree(args.work / "out", ignore_errors=True)  # freeing the last output's pages is not timed
                 times.setdefault((kind, name), []).append(timed(run))
-    peak_worker_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 
     voxels = args.slices * args.size * args.size
     print(f"{args.dicom} DICOM series and {args.nifti} NIfTI (.nii.gz) volumes of {args.slices} x {args.size} x "
           f"{args.size}; median of {args.repeats}; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-    print(f"{'input':6} {'run':11} {'wall ms/vol':>12} {'CPU ms/vol':>11}")
+    print(f"{'input':6} {'run':11} {'wall ms/vol':>12} {'CPU ms/vol':>11} {'system':>7} {'faults/vol':>11}")
     result = {}
     for (kind, name), samples in times.items():
-        wall = statistics.median(w for w, _ in samples) / counts[kind] * 1e3
-        cpu = statistics.median(c for _, c in samples) / counts[kind] * 1e3
-        result[(kind, name)] = (wall, cpu)
-        print(f"{kind:6} {name:11} {wall:12.1f} {cpu:11.1f}")
+        wall, cpu, system, faults = (statistics.median(sample[i] for sample in samples) / counts[kind] for i in range(4))
+        result[(kind, name)] = (wall * 1e3, cpu * 1e3)
+        print(f"{kind:6} {name:11} {wall * 1e3:12.1f} {cpu * 1e3:11.1f} {system * 1e3:7.1f} {faults:11.0f}")
     for kind in folders:
         read, ours, two = result[(kind, "read")], result[(kind, "prepare")], result[(kind, "prepare x2")]
         own = result[(kind, "load_volume")]
         print(f"{kind}: prepare per process {read[1] / ours[1]:.2f}x the plain reader's rate (CPU; wall "
               f"{read[0] / ours[0]:.2f}x), {own[1] / ours[1]:.2f}x that of its own reading (load_volume, CPU); "
               f"2 processes {ours[0] / two[0]:.2f}x one (wall)")
-    print(f"peak RSS of a worker process: {peak_worker_mb:.0f} MB, most of it the imported modules it shares with "
-          f"the parent (fork); one volume is {voxels * 2 / 1e6:.0f} MB as int16")
     for collection, (kind, volumes, collection_voxels) in COLLECTIONS.items():
         seconds_per_volume = result[(kind, "prepare")][1] / 1e3 * collection_voxels / voxels
         hours = volumes * seconds_per_volume / 32 / 3600
