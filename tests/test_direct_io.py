@@ -61,6 +61,30 @@ def test_a_refused_o_direct_falls_back_to_buffered_writes(tmp_path, monkeypatch)
     assert (tmp_path / "out.bin").read_bytes() == b"".join(chunks)
 
 
+def test_a_direct_write_refused_midway_continues_buffered(tmp_path, monkeypatch):
+    """A device whose logical blocks exceed 4096 bytes refuses the aligned write itself (EINVAL):
+    the rest of the file is written buffered, same bytes."""
+    import fcntl
+
+    real_write = os.write
+    refused = []
+
+    def refusing_write(fd, data):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:  # as such a device: every direct write fails
+            refused.append(len(data))
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(direct_io.os, "write", refusing_write)
+    chunks = _chunks()
+    with DirectFile(tmp_path / "out.bin", buffer_bytes=2 * BLOCK) as f:
+        for chunk in chunks:
+            f.write(chunk)
+        assert not f.direct
+    assert len(refused) == int(_o_direct_works(tmp_path))  # one refusal, then buffered
+    assert (tmp_path / "out.bin").read_bytes() == b"".join(chunks)
+
+
 def test_other_open_errors_are_raised(tmp_path):
     with pytest.raises(FileNotFoundError):
         DirectFile(tmp_path / "missing-folder" / "out.bin")

@@ -6,8 +6,8 @@ are pure cost: on the development VM, writing an 8 MB volume took 31 ms of syste
 and 0.7 ms direct (BENCHMARKS.md, "Prepare a collection"), and a TB-scale collection would evict
 every useful page on the node. `DirectFile` collects writes in a page-aligned buffer and writes it
 in whole blocks with ``O_DIRECT``; the tail that does not fill a block goes through the page
-cache on `close`. Where ``O_DIRECT`` is missing (macOS, Windows) or refused (tmpfs), it writes
-buffered, with the same bytes in the file.
+cache on `close`. Where ``O_DIRECT`` is missing (macOS, Windows) or refused (tmpfs, or a device
+whose blocks are larger than `BLOCK`), it writes buffered, with the same bytes in the file.
 """
 
 from __future__ import annotations
@@ -68,14 +68,24 @@ class DirectFile(io.RawIOBase):
 
     def _write_out(self, size: int) -> None:
         """Write the first `size` buffered bytes and keep the rest at the buffer's start."""
-        view = memoryview(self._buffer)
         written = 0
-        while written < size:
-            written += os.write(self._fd, view[written:size])
-        view.release()
+        with memoryview(self._buffer) as view:
+            while written < size:
+                try:
+                    written += os.write(self._fd, view[written:size])
+                except OSError as err:
+                    if not (self.direct and err.errno == errno.EINVAL):
+                        raise
+                    self._stop_direct()  # a device with blocks larger than BLOCK: write buffered
         rest = self._filled - size
         self._buffer.move(0, size, rest)
         self._filled = rest
+
+    def _stop_direct(self) -> None:
+        import fcntl  # POSIX only, as O_DIRECT
+
+        fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+        self.direct = False
 
     def close(self) -> None:
         if self.closed:
@@ -86,9 +96,7 @@ class DirectFile(io.RawIOBase):
                 self._write_out(whole)
             if self._filled:  # the tail is shorter than a block: O_DIRECT cannot write it
                 if self.direct:
-                    import fcntl  # POSIX only, as O_DIRECT
-
-                    fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+                    self._stop_direct()
                 self._write_out(self._filled)
         finally:
             os.close(self._fd)
