@@ -48,21 +48,30 @@ def test_subpixel_upsampling_starts_as_nearest_neighbour_of_one_conv():
     torch.testing.assert_close(layer(x), nearest)
 
 
-@pytest.mark.parametrize("factor", [(4, 4, 4), (2, 4, 4)])
-def test_without_full_resolution_blocks_only_the_input_conv_sees_full_resolution(factor):
-    """Every Conv3d's input is coarser than the volume except the input conv's, and the only output
-    at full resolution is the sub-pixel conv's, rearranged from its coarse channels."""
-    model = VQGAN3D.from_preset("tiny", downsample_factor=factor, full_resolution_blocks=False)
-    volume = (8, 16, 16)
+def _conv_grids(model: VQGAN3D, volume: tuple[int, int, int]) -> tuple[torch.Tensor, list[tuple]]:
+    """The model's output on a random ``volume``, and every Conv3d run on the way as
+    ``(name, input (D, H, W), output (D, H, W))``."""
     seen = []
     hooks = [
         m.register_forward_hook(lambda m, i, o, name=name: seen.append((name, i[0].shape[2:], o.shape[2:])))
         for name, m in model.named_modules()
         if isinstance(m, torch.nn.Conv3d)
     ]
-    out = model(torch.rand(1, 1, *volume) * 2 - 1).sample
-    for hook in hooks:
-        hook.remove()
+    try:
+        out = model(torch.rand(1, 1, *volume) * 2 - 1).sample
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return out, seen
+
+
+@pytest.mark.parametrize("factor", [(4, 4, 4), (2, 4, 4)])
+def test_without_full_resolution_blocks_only_the_input_conv_sees_full_resolution(factor):
+    """Every Conv3d's input is coarser than the volume except the input conv's, and the only output
+    at full resolution is the sub-pixel conv's, rearranged from its coarse channels."""
+    model = VQGAN3D.from_preset("tiny", downsample_factor=factor, full_resolution_blocks=False)
+    volume = (8, 16, 16)
+    out, seen = _conv_grids(model, volume)
     assert out.shape == (1, 1, *volume)
     full = torch.Size(volume)
     assert [name for name, i, o in seen if i == full] == ["encoder.conv_in"]
@@ -73,17 +82,9 @@ def test_without_full_resolution_blocks_only_the_input_conv_sees_full_resolution
 def test_with_full_resolution_blocks_resblocks_run_at_full_resolution():
     """The contrast to the test above: the older layout convolves at full resolution in ResBlocks."""
     model = VQGAN3D.from_preset("tiny", full_resolution_blocks=True)
-    full = torch.Size((8, 16, 16))
-    seen = []
-    hooks = [
-        m.register_forward_hook(lambda m, i, o, name=name: seen.append((name, o.shape[2:])))
-        for name, m in model.named_modules()
-        if isinstance(m, torch.nn.Conv3d)
-    ]
-    model(torch.rand(1, 1, *full) * 2 - 1)
-    for hook in hooks:
-        hook.remove()
-    assert sum(o == full for _, o in seen) >= 5
+    volume = (8, 16, 16)
+    _, seen = _conv_grids(model, volume)
+    assert sum(o == torch.Size(volume) for _, _, o in seen) >= 5
 
 
 def test_presets_have_no_full_resolution_blocks_and_the_option_round_trips(tmp_path):
