@@ -143,7 +143,7 @@ def main() -> None:
     key = PseudonymKey.load(args.work / "bench.key")
     counts = {"dicom": args.dicom, "nifti": args.nifti}
     folders = {"dicom": dicom_dir, "nifti": nifti_dir}
-    times: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    times: dict[tuple[str, str], list[tuple[float, float, float, float]]] = {}  # (kind, run) -> timed()s
     for _ in range(args.repeats):
         for kind, folder in folders.items():
             read_only(folder, kind)  # warm the page cache: every reader reads from memory
